@@ -1,0 +1,8 @@
+"""kdprompt: distillation-centric training for CLIP prompt learning.
+
+Stage one trains a prompt-learned teacher and caches its class text features; stage two distills a
+compact student image encoder from unlabelled webdataset shards; the student ships with the cached
+text features alone.
+"""
+
+__version__ = "0.1.0"

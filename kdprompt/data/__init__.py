@@ -1,0 +1,1 @@
+"""Data: sources (CoOp layout, image folder, shards, synthetic), the CoOp protocol, shard I/O."""

@@ -1,0 +1,61 @@
+"""The labelled-sample types every source returns."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from kdprompt.errors import KdpromptError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One labelled image.
+
+    Attributes:
+        image: path of an image file, or the encoded image bytes (samples read from shards).
+        label: class index into the owning :class:`Split`'s ``classnames``.
+        classname: human-readable class name (``classnames[label]``).
+        caption: free-text caption when the source has one (pre-training data), else ``None``.
+        key: a stable identifier (relative path or shard key), used in messages and shard keys.
+    """
+
+    image: str | bytes
+    label: int
+    classname: str
+    caption: str | None = None
+    key: str = ""
+
+
+@dataclass
+class Split:
+    """A labelled split: samples plus the class names their labels index."""
+
+    samples: list[Sample]
+    classnames: list[str]
+    name: str = "train"
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def load_image(sample: Sample) -> Image.Image:
+    """Decode ``sample.image`` to an RGB PIL image, or raise a :class:`KdpromptError` naming it."""
+    what = sample.key or (sample.image if isinstance(sample.image, str) else "<bytes>")
+    try:
+        if isinstance(sample.image, bytes):
+            img = Image.open(io.BytesIO(sample.image))
+        else:
+            img = Image.open(Path(sample.image))
+        img.load()
+    except FileNotFoundError:
+        raise KdpromptError(f"image file not found: {what}; check the dataset root") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise KdpromptError(f"cannot decode image {what}: {exc}") from None
+    return img.convert("RGB")
