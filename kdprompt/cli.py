@@ -1,0 +1,201 @@
+"""The ``kdprompt`` command line: each command parses, validates a recipe, and calls one function."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import click
+
+from kdprompt import __version__
+from kdprompt.errors import KdpromptError
+
+OVERRIDES_HELP = "Recipe overrides as key.sub=value (YAML values), applied after the recipe file."
+
+
+def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Print a :class:`KdpromptError` as one message and exit 2, instead of a traceback."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except KdpromptError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="kdprompt")
+def main() -> None:
+    """kdprompt: distill compact CLIP students from prompt-learned teachers.
+
+    \b
+    Pipeline:
+      kdprompt pretrain RECIPE   contrastive CLIP pre-training on image-text shards
+      kdprompt shards SRC OUT    write any data source's split as webdataset shards
+      kdprompt demo              the pipeline on the built-in synthetic world, offline
+
+    Every training command takes a RECIPE (a built-in name from `kdprompt recipes`, or a YAML file)
+    followed by key.sub=value overrides, and runs unchanged under `accelerate launch -m kdprompt ...`.
+    """
+
+
+# ------------------------------------------------------------------------------------------ recipes
+
+
+@main.group(invoke_without_command=True)
+@click.pass_context
+@_user_errors
+def recipes(ctx: click.Context) -> None:
+    """List the built-in recipes (name, command, description)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from kdprompt.config import builtin_recipes, read_recipe_yaml, recipe_description
+
+    known = builtin_recipes()
+    if not known:
+        raise KdpromptError("no built-in recipes found; set KDPROMPT_RECIPES_DIR to kdprompt's recipes/ folder")
+    width = max(len(n) for n in known)
+    for name, path in known.items():
+        kind = read_recipe_yaml(path).get("recipe", "?")
+        click.echo(f"{name:<{width}}  {kind:<9} {recipe_description(path)}")
+    click.echo("\nShow one with `kdprompt recipes show NAME`; run it with `kdprompt <command> NAME [key=value ...]`.")
+
+
+@recipes.command("show")
+@click.argument("name")
+@_user_errors
+def recipes_show(name: str) -> None:
+    """Print the recipe NAME (a built-in name or a path) as written."""
+    from kdprompt.config import find_recipe
+
+    click.echo(find_recipe(name).read_text(encoding="utf-8"), nl=False)
+
+
+# ----------------------------------------------------------------------------------------- pretrain
+
+
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.argument("recipe")
+@click.argument("overrides", nargs=-1)
+@click.option("--dry-run", is_flag=True, help="Print the resolved recipe and exit.")
+@_user_errors
+def pretrain(recipe: str, overrides: tuple[str, ...], dry_run: bool) -> None:
+    """Contrastive CLIP pre-training of any open_clip model on image-text data.
+
+    RECIPE is a built-in name (see `kdprompt recipes`) or a YAML file; OVERRIDES are key.sub=value
+    pairs, e.g. `train.max_steps=50 model.name=ViT-B-32`. Writes <output_dir>/<name>/pretrain/:
+    model.safetensors (open_clip-loadable), metrics.jsonl, metrics.json, curves.png, checkpoints/.
+    """
+    from kdprompt.config import PretrainRecipe, dump_recipe, load_recipe
+
+    resolved = load_recipe(PretrainRecipe, recipe, overrides)
+    if dry_run:
+        click.echo(dump_recipe(resolved), nl=False)
+        return
+    from kdprompt.train.pretrain import run_pretrain
+
+    run_dir = run_pretrain(resolved)
+    _echo_main(f"done: {run_dir}")
+
+
+def _echo_main(text: str) -> None:
+    """Echo on the main process only (commands may run under accelerate launch)."""
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(text)
+
+
+# ------------------------------------------------------------------------------------------- shards
+
+
+@main.command()
+@click.argument("src")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("overrides", nargs=-1)
+@click.option("--split", "splits", multiple=True, default=("train",), show_default=True,
+              help="Split(s) to write (train, val, test); repeat for several.")
+@click.option("--format", "image_format", type=click.Choice(["jpg", "png"]), default="jpg", show_default=True,
+              help="Image encoding inside the shards.")
+@click.option("--maxcount", type=int, default=1000, show_default=True, help="Samples per shard.")
+@click.option("--overwrite", is_flag=True, help="Replace existing shards of the same split in OUT.")
+@_user_errors
+def shards(src: str, out: Path, overrides: tuple[str, ...], splits: tuple[str, ...], image_format: str,
+           maxcount: int, overwrite: bool) -> None:
+    """Write a data source's split(s) as webdataset shards plus sizes.json and classnames.json.
+
+    \b
+    SRC is one of:
+      a directory            class-per-subfolder images (the `folder` source)
+      a YAML file            a data config (the keys of a recipe's `data:` section, or a recipe with one)
+      folder|coop|shards|synthetic   a source name, configured with OVERRIDES
+
+    \b
+    Examples:
+      kdprompt shards ~/photos shards/photos
+      kdprompt shards coop shards/dtd root=~/data dataset=dtd --split train --split test
+      kdprompt shards synthetic shards/pre domain=pretrain
+    """
+    from kdprompt.data.shards import write_shards
+    from kdprompt.data.sources import load_split
+
+    cfg = _data_config(src, overrides)
+    for split in splits:
+        data = load_split(cfg, split)
+        sizes = write_shards(data, out, prefix=split, image_format=image_format, maxcount=maxcount,
+                             overwrite=overwrite, progress=True)
+        click.echo(f"{split}: {sum(sizes.values())} samples in {len(sizes)} shard(s) under {out}")
+
+
+def _data_config(src: str, overrides: tuple[str, ...]) -> Any:
+    """A validated data config from a directory, a YAML file or a source name plus overrides."""
+    from kdprompt.config import DataSection, apply_overrides, read_recipe_yaml, validate_recipe
+
+    path = Path(src)
+    if path.is_dir():
+        raw: dict[str, Any] = {"source": "folder", "root": str(path)}
+    elif path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise KdpromptError(f"data config file not found: {path}")
+        raw = read_recipe_yaml(path)
+        raw = raw.get("data", raw)
+    elif src in ("folder", "coop", "shards", "synthetic"):
+        raw = {"source": src}
+    else:
+        raise KdpromptError(
+            f"SRC {src!r} is not a directory, a YAML file, or a source name (folder, coop, shards, synthetic)"
+        )
+    raw = apply_overrides(raw, list(overrides))
+    return validate_recipe(DataSection, {"data": raw}, origin=f"data config {src}").data
+
+
+# --------------------------------------------------------------------------------------------- demo
+
+
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True,
+              help="Where run directories go.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("cache"),
+              show_default=True, help="Where the synthetic world, shards and pre-trained tiny CLIPs are kept.")
+@click.option("--quick", is_flag=True, help="A much shorter run (smoke test), not for the reported figures.")
+@_user_errors
+def demo(out: Path, cache_dir: Path, quick: bool) -> None:
+    """Run the pipeline on the embedded default (synthetic world, tiny CLIPs), offline.
+
+    Materialises the synthetic world, pre-trains the tiny teacher-size and student-size CLIPs (reused
+    from the cache dir when already there) and prints their zero-shot accuracy on both domains.
+    """
+    from kdprompt.demo import run_demo
+
+    run_demo(out=out, cache_dir=cache_dir, quick=quick)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,316 @@
+"""Recipes: pydantic models (``extra="forbid"``), YAML files, built-in names and ``key.sub=value`` overrides.
+
+A recipe is resolved in three steps: find the YAML (a built-in name such as ``demo/pretrain-teacher``
+or a path), apply command-line overrides to the raw mapping, then validate against the command's
+recipe model. Any error is one :class:`~kdprompt.errors.KdpromptError` naming the dotted field, the bad
+value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError
+
+from kdprompt.data.config import DataConfig, StrictModel
+from kdprompt.errors import KdpromptError
+from kdprompt.models.spec import ModelSpec
+
+RECIPES_ENV = "KDPROMPT_RECIPES_DIR"
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+class TrainConfig(StrictModel):
+    """Optimisation and loop settings shared by the training commands."""
+
+    batch_size: int = Field(default=128, ge=1, description="per-process batch size")
+    epochs: int = Field(default=1, ge=1)
+    max_steps: int | None = Field(default=None, ge=1, description="stop after this many optimizer steps")
+    lr: float = Field(default=5e-4, gt=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    num_workers: int = Field(default=0, ge=0, description="data-loading worker processes per rank")
+    shuffle_buffer: int = Field(default=1000, ge=0)
+    resampled: bool = Field(default=False, description="sample shards with replacement (infinite stream)")
+    log_every: int = Field(default=10, ge=1)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        default="auto", description="auto: bf16 on a GPU that supports it, no on CPU"
+    )
+
+
+class CheckpointConfig(StrictModel):
+    """When to write checkpoints and how many to keep."""
+
+    every_steps: int | None = Field(default=None, ge=1, description="also checkpoint every N steps")
+    keep_last: int = Field(default=2, ge=1)
+
+
+class ZeroShotEval(StrictModel):
+    """A labelled split on which to report zero-shot top-1 accuracy."""
+
+    name: str
+    data: DataConfig
+    split: Literal["train", "val", "test"] = "test"
+    templates: Literal["simple", "ensemble"] = Field(
+        default="simple", description='simple: "a photo of a {}."; ensemble: open_clip\'s ImageNet templates'
+    )
+    classes: Literal["all", "base", "novel"] = "all"
+
+
+class PretrainRecipe(StrictModel):
+    """``kdprompt pretrain``: contrastive CLIP training on image-text data."""
+
+    recipe: Literal["pretrain"] = "pretrain"
+    name: str = Field(description="run name: outputs go to <output_dir>/<name>/pretrain/")
+    description: str = ""
+    seed: int = 0
+    output_dir: Path = Path("runs")
+    model: ModelSpec
+    data: DataConfig = Field(description="image-text data; non-shard sources are written to shards once")
+    split: Literal["train", "val", "test"] = "train"
+    shards_dir: Path = Field(
+        default=Path("cache/shards"), description="where non-shard sources are materialised as shards"
+    )
+    shard_maxcount: int = Field(default=1000, ge=1, description="samples per shard when materialising shards")
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    resume: Literal["auto", "never"] | Path = Field(
+        default="auto", description="auto: continue from the latest complete checkpoint of this run"
+    )
+    eval: list[ZeroShotEval] = Field(default_factory=list, description="zero-shot evaluations at the end")
+    export: Path | None = Field(
+        default=None, description="also copy the final open_clip weights here (e.g. cache/pretrained/x.safetensors)"
+    )
+
+
+class DataSection(StrictModel):
+    """Just a ``data:`` section (``kdprompt shards`` validates its SRC with it)."""
+
+    data: DataConfig
+
+
+RECIPE_MODELS: dict[str, type[StrictModel]] = {"pretrain": PretrainRecipe}
+
+R = TypeVar("R", bound=BaseModel)
+
+
+# ------------------------------------------------------------------------------------ finding recipes
+
+
+def recipes_dir() -> Path:
+    """The directory of built-in recipes (``$KDPROMPT_RECIPES_DIR`` or the repository's ``recipes/``)."""
+    env = os.environ.get(RECIPES_ENV)
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "recipes"
+
+
+def builtin_recipes() -> dict[str, Path]:
+    """Built-in recipe names (path below ``recipes/`` without ``.yaml``) mapped to their files."""
+    root = recipes_dir()
+    if not root.is_dir():
+        return {}
+    return {str(p.relative_to(root).with_suffix("")): p for p in sorted(root.rglob("*.yaml"))}
+
+
+def find_recipe(name_or_path: str) -> Path:
+    """Resolve a built-in recipe name or a YAML path to a file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise KdpromptError(f"recipe file not found: {path}")
+        return path
+    known = builtin_recipes()
+    if name_or_path in known:
+        return known[name_or_path]
+    close = difflib.get_close_matches(name_or_path, list(known), n=3, cutoff=0.4)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise KdpromptError(
+        f"no built-in recipe named {name_or_path!r} and no such file.{hint} "
+        "List the built-in recipes with `kdprompt recipes`."
+    )
+
+
+def read_recipe_yaml(path: Path) -> dict[str, Any]:
+    """Parse a recipe file into a mapping."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise KdpromptError(f"recipe {path} is not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise KdpromptError(f"recipe {path} must be a YAML mapping of fields, got {type(data).__name__}")
+    return data
+
+
+def recipe_description(path: Path) -> str:
+    """One-line description of a recipe file (its ``description`` field)."""
+    try:
+        data = read_recipe_yaml(path)
+    except KdpromptError:
+        return "(invalid YAML)"
+    return str(data.get("description", "")).strip().splitlines()[0] if data.get("description") else ""
+
+
+# ---------------------------------------------------------------------------------------- overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into a key path and a YAML-parsed value."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise KdpromptError(f"Command-line overrides must be in the form of key=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``key.sub=value`` override set.
+
+    Missing sections are created; an integer part indexes a list (``eval.0.split=val``).
+    """
+    out = yaml.safe_load(yaml.safe_dump(data))  # deep copy of plain data
+    for text in overrides:
+        keys, value = parse_override(text)
+        node: Any = out
+        for i, key in enumerate(keys):
+            where = ".".join(keys[: i + 1])
+            last = i == len(keys) - 1
+            if isinstance(node, list):
+                if not key.isdigit() or int(key) >= len(node):
+                    raise KdpromptError(
+                        f"override {text!r}: {'.'.join(keys[:i])} is a list of {len(node)}; "
+                        f"use an index 0..{len(node) - 1}, got {key!r}"
+                    )
+                if last:
+                    node[int(key)] = value
+                else:
+                    node = node[int(key)]
+                continue
+            if not isinstance(node, dict):
+                raise KdpromptError(f"override {text!r}: {where} is inside a value ({node!r}), not a section")
+            if last:
+                node[key] = value
+            else:
+                if node.get(key) is None:
+                    node[key] = {}
+                node = node[key]
+    return out
+
+
+# --------------------------------------------------------------------------------------- validation
+
+
+def _unwrap(annotation: Any) -> list[Any]:
+    """The concrete types behind Optional/Union/Annotated/list annotations."""
+    origin = get_origin(annotation)
+    if origin is typing.Annotated:
+        return _unwrap(get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return [t for arg in get_args(annotation) for t in _unwrap(arg)]
+    if origin in (list, tuple):
+        return [t for arg in get_args(annotation) for t in _unwrap(arg)]
+    return [annotation]
+
+
+class _Union:
+    """Several candidate models at one location; the next location part (the ``source`` tag) picks one."""
+
+    def __init__(self, models: list[type[BaseModel]]) -> None:
+        self.models = models
+
+    def pick(self, tag: Any) -> type[BaseModel] | None:
+        for m in self.models:
+            field = m.model_fields.get("source")
+            if field is not None and tag in get_args(field.annotation):
+                return m
+        return None
+
+
+def _models_of(annotation: Any) -> type[BaseModel] | _Union | None:
+    models = [t for t in _unwrap(annotation) if isinstance(t, type) and issubclass(t, BaseModel)]
+    if not models:
+        return None
+    return models[0] if len(models) == 1 else _Union(models)
+
+
+def _walk(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[str, type[BaseModel] | None]:
+    """Follow a pydantic error location to (dotted path without union tags, the model owning the end).
+
+    ``("data", "synthetic", "sede")`` becomes ``"data.sede"`` owned by ``SyntheticData``.
+    """
+    parts: list[str] = []
+    current: type[BaseModel] | _Union | None = model
+    for part in loc:
+        if isinstance(part, int):
+            parts.append(f"[{part}]")
+            continue
+        if isinstance(current, _Union):
+            current = current.pick(part)
+            continue
+        parts.append(str(part))
+        field = current.model_fields.get(part) if current is not None else None
+        current = _models_of(field.annotation) if field is not None else None
+    owner = current if isinstance(current, type) else None
+    return ".".join(parts).replace(".[", "["), owner
+
+
+def format_validation_error(exc: ValidationError, model: type[BaseModel], origin: str) -> str:
+    """One message listing every problem with its dotted field, bad value and allowed keys/values."""
+    lines = [f"invalid recipe {origin}:"]
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        field = _walk(model, loc)[0] or "(top level)"
+        if err["type"] == "extra_forbidden":
+            owner = _walk(model, loc[:-1])[1]
+            allowed = sorted(owner.model_fields) if owner is not None else []
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            lines.append(f"  {field}: unknown key{hint}; allowed keys here: {', '.join(allowed)}")
+        elif err["type"] == "missing":
+            lines.append(f"  {field}: required field is missing")
+        elif err["type"] == "union_tag_invalid":
+            ctx = err.get("ctx", {})
+            lines.append(f"  {field}.{ctx.get('discriminator', 'source')}: got {ctx.get('tag')!r}; "
+                         f"allowed: {ctx.get('expected_tags')}")
+        else:
+            lines.append(f"  {field}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def validate_recipe(model: type[R], data: dict[str, Any], origin: str = "") -> R:
+    """Validate raw recipe data against ``model`` or raise a :class:`KdpromptError` with every problem."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise KdpromptError(format_validation_error(exc, model, origin or model.__name__)) from None
+
+
+def load_recipe(model: type[R], name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> R:
+    """Find, parse, override and validate a recipe for one command."""
+    path = find_recipe(name_or_path)
+    data = apply_overrides(read_recipe_yaml(path), list(overrides))
+    kind = data.get("recipe")
+    expected = model.model_fields["recipe"].default if "recipe" in model.model_fields else None
+    if expected is not None and kind not in (None, expected):
+        raise KdpromptError(
+            f"recipe {path} is a {kind!r} recipe, but this command needs a {expected!r} recipe; "
+            f"run `kdprompt {kind} {name_or_path}` instead"
+        )
+    return validate_recipe(model, data, origin=str(path))
+
+
+def dump_recipe(recipe: BaseModel) -> str:
+    """The resolved recipe as YAML (what ``--dry-run`` prints and runs record)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

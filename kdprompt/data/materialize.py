@@ -1,0 +1,37 @@
+"""Turn any labelled source's split into webdataset shards once, keyed by its content."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from kdprompt.data.shards import expand_urls, write_shards
+from kdprompt.data.sources import load_split
+
+
+def _fingerprint(cfg, split_name: str, samples) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode())
+    h.update(split_name.encode())
+    for s in samples:
+        size = Path(s.image).stat().st_size if isinstance(s.image, str) else len(s.image)
+        h.update(f"{s.key}|{s.label}|{s.caption}|{size}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def shards_for(cfg, split: str, shards_dir: Path, maxcount: int = 1000, image_format: str = "png") -> list[str]:
+    """Shard URLs holding ``split`` of the source ``cfg``: the shards themselves for a ``shards`` source,
+    else shards written (once, under ``shards_dir/<source>-<split>-<fingerprint>/``) from the split."""
+    if cfg.source == "shards":
+        pattern = getattr(cfg, split)
+        if pattern is None:
+            from kdprompt.errors import KdpromptError
+
+            raise KdpromptError(f"data.{split} is not set: give the shard pattern of the {split} split")
+        return expand_urls(pattern)
+    data = load_split(cfg, split)
+    out = Path(shards_dir) / f"{cfg.source}-{split}-{_fingerprint(cfg, split, data.samples)}"
+    if not (out / "sizes.json").is_file():
+        write_shards(data, out, prefix=split, image_format=image_format, maxcount=maxcount)
+    return sorted(str(p) for p in out.glob(f"{split}-*.tar"))

@@ -1,0 +1,121 @@
+"""Training checkpoints: atomic directories ``step-00000123/`` with weights, optimizer state and counters.
+
+A checkpoint is complete when its ``meta.json`` exists; the directory is built under a temporary name and
+renamed into place, so a crash never leaves a half checkpoint that ``resume: auto`` could pick up.
+Trainable weights go to safetensors; the optimizer and RNG states are plain tensors/numbers saved with
+``torch.save`` and read back with ``weights_only=True`` (no arbitrary pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from kdprompt.errors import KdpromptError
+from kdprompt.io import atomic_path
+
+_NAME = re.compile(r"^step-(\d{8})$")
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint."""
+
+    path: Path
+    step: int
+    weights: dict[str, torch.Tensor]
+    state: dict[str, Any]
+    meta: dict[str, Any]
+
+
+def rng_state() -> dict[str, Any]:
+    """Python and torch RNG states (CUDA too when present)."""
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore states captured by :func:`rng_state`."""
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _contiguous(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared or non-contiguous storage: give each tensor its own copy.
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in weights.items()}
+
+
+def save_checkpoint(
+    directory: Path,
+    step: int,
+    weights: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    meta: dict[str, Any] | None = None,
+    keep_last: int = 2,
+) -> Path:
+    """Write checkpoint ``step`` under ``directory`` atomically and keep only the newest ``keep_last``."""
+    directory = Path(directory)
+    final = directory / f"step-{step:08d}"
+    with atomic_path(final) as tmp:
+        tmp.mkdir()
+        save_file(_contiguous(weights), str(tmp / "weights.safetensors"))
+        torch.save(state, tmp / "state.pt")
+        # meta.json last: its presence marks the checkpoint complete.
+        (tmp / "meta.json").write_text(json.dumps({"step": step, **(meta or {})}, indent=2), encoding="utf-8")
+    for old in list_checkpoints(directory)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints under ``directory``, oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if _NAME.match(p.name) and (p / "meta.json").is_file()]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The newest complete checkpoint, or ``None``."""
+    found = list_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Read a checkpoint directory written by :func:`save_checkpoint`."""
+    path = Path(path)
+    meta_file = path / "meta.json"
+    if not meta_file.is_file():
+        raise KdpromptError(f"{path} is not a complete kdprompt checkpoint (no meta.json); pick another or resume: never")
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    weights = load_file(str(path / "weights.safetensors"))
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    return Checkpoint(path=path, step=int(meta["step"]), weights=weights, state=state, meta=meta)
+
+
+def resolve_resume(resume: str | Path, directory: Path) -> Path | None:
+    """The checkpoint to resume from: ``auto`` -> latest in ``directory``, ``never`` -> None, or a path."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(directory)
+    path = Path(resume)
+    if not (path / "meta.json").is_file():
+        raise KdpromptError(
+            f"resume checkpoint {path} not found or incomplete; available: "
+            f"{[p.name for p in list_checkpoints(directory)] or 'none'} (or use resume=auto / resume=never)"
+        )
+    return path

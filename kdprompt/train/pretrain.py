@@ -1,0 +1,189 @@
+"""``kdprompt pretrain``: contrastive CLIP training (open_clip's loss, learnable logit scale) on shards."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import set_seed
+from open_clip.loss import ClipLoss
+from tqdm.auto import tqdm
+
+from kdprompt.config import PretrainRecipe, ZeroShotEval, dump_recipe
+from kdprompt.data.materialize import shards_for
+from kdprompt.data.protocol import subsample_classes
+from kdprompt.data.shards import batches_per_epoch_for, make_loader, read_sizes
+from kdprompt.data.sources import load_split
+from kdprompt.errors import KdpromptError
+from kdprompt.evaluate import TEMPLATE_SETS, zero_shot_accuracy
+from kdprompt.io import write_json_atomic, write_text_atomic
+from kdprompt.models.loading import create_clip, save_clip_weights
+from kdprompt.train.checkpoint import (
+    load_checkpoint,
+    resolve_resume,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from kdprompt.train.metrics import MetricsLog, plot_curves
+from kdprompt.train.runtime import cosine_lr, decay_groups, make_accelerator, set_lr
+
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+def run_dir_of(recipe: PretrainRecipe) -> Path:
+    """``<output_dir>/<name>/pretrain``."""
+    return Path(recipe.output_dir) / recipe.name / "pretrain"
+
+
+def evaluate_zero_shot(clip: Any, evals: list[ZeroShotEval], device: torch.device) -> dict[str, float]:
+    """Zero-shot top-1 (%) of ``clip`` on each configured split."""
+    results = {}
+    for ev in evals:
+        split = load_split(ev.data, ev.split)
+        if ev.classes != "all":
+            split = subsample_classes(split, ev.classes)
+        if len(split) == 0:
+            raise KdpromptError(f"eval {ev.name!r}: split {ev.split!r} of {ev.data.source} data is empty")
+        results[ev.name] = zero_shot_accuracy(
+            clip.model, clip.tokenizer, clip.preprocess_val, split, TEMPLATE_SETS[ev.templates], device
+        )
+    return results
+
+
+def run_pretrain(recipe: PretrainRecipe) -> Path:
+    """Train, checkpoint, export and evaluate; returns the run directory."""
+    run_dir = run_dir_of(recipe)
+    accelerator = make_accelerator(run_dir, recipe.train.mixed_precision)
+    main = accelerator.is_main_process
+    rank, world = accelerator.process_index, accelerator.num_processes
+    set_seed(recipe.seed)
+    clip = create_clip(recipe.model)
+    model = clip.model
+    cfg = recipe.train
+
+    with accelerator.main_process_first():
+        urls = shards_for(recipe.data, recipe.split, recipe.shards_dir, recipe.shard_maxcount)
+    n_samples = read_sizes(urls)
+    if n_samples is None:
+        raise KdpromptError(f"no sizes.json beside the shards {urls[0]} ...: cannot size an epoch; "
+                            "write shards with `kdprompt shards` or add a sizes.json")
+    per_epoch = batches_per_epoch_for(n_samples, cfg.batch_size, world)
+    total_steps = cfg.max_steps or cfg.epochs * per_epoch
+
+    optimizer = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    ckpt_dir = run_dir / "checkpoints"
+    resume_from = resolve_resume(recipe.resume, ckpt_dir)
+    step, counters, restored_rng = 0, {"corrupt": 0, "samples": 0}, None
+    if resume_from is not None:
+        ckpt = load_checkpoint(resume_from)
+        model.load_state_dict(ckpt.weights)
+        optimizer.load_state_dict(ckpt.state["optimizer"])
+        step, counters, restored_rng = ckpt.step, dict(ckpt.state["counters"]), ckpt.state["rng"]
+        if main:
+            tqdm.write(f"resuming from {resume_from} (step {step})")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    loss_fn = ClipLoss(local_loss=False, gather_with_grad=True, rank=rank, world_size=world)
+
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
+    metrics = MetricsLog(run_dir / "metrics.jsonl", accelerator)
+    metrics.truncate_after(step)
+    accelerator.init_trackers("pretrain")
+
+    def checkpoint() -> None:
+        accelerator.wait_for_everyone()
+        if main:
+            state = {"optimizer": optimizer.state_dict(), "counters": counters, "rng": rng_state()}
+            save_checkpoint(ckpt_dir, step, accelerator.unwrap_model(model).state_dict(), state,
+                            {"epoch": step // per_epoch, "total_steps": total_steps}, recipe.checkpoint.keep_last)
+        accelerator.wait_for_everyone()
+
+    shards_read: set[str] = set()
+    bar = tqdm(total=total_steps, initial=step, disable=not main, desc=f"pretrain {recipe.name}", unit="step")
+    window_start, window_images = time.perf_counter(), 0
+    model.train()
+    while step < total_steps:
+        epoch, skip = divmod(step, per_epoch)
+        loader = make_loader(
+            urls, batch_size=cfg.batch_size, transform=clip.preprocess_train, shuffle_buffer=cfg.shuffle_buffer,
+            seed=recipe.seed, epoch=epoch, resampled=cfg.resampled, batches_per_epoch=per_epoch,
+            num_workers=cfg.num_workers, rank=rank, world_size=world,
+        )
+        batches = iter(loader)
+        for _ in range(skip):  # replay the data position of a resumed run
+            next(batches)
+        if restored_rng is not None:
+            # Restored after the replay so the next batch's augmentations match the interrupted run.
+            if main:
+                set_rng_state(restored_rng)
+            else:
+                torch.manual_seed(recipe.seed + 7919 * rank + step)
+            restored_rng = None
+        for batch in batches:
+            images = batch["image"].to(accelerator.device, non_blocking=True)
+            tokens = clip.tokenizer(batch["text"]).to(accelerator.device)
+            with accelerator.autocast():
+                image_f, text_f, scale = model(images, tokens)[:3]
+                loss = loss_fn(image_f, text_f, scale)
+            set_lr(optimizer, cosine_lr(step, total_steps, cfg.lr, cfg.warmup_steps))
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            if cfg.grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            with torch.no_grad():
+                accelerator.unwrap_model(model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            step += 1
+            counters["corrupt"] += int(batch["corrupt"])
+            counters["samples"] += len(batch["key"])
+            shards_read.update(batch["url"])
+            window_images += len(batch["key"]) * world
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total_steps:
+                mean_loss = accelerator.reduce(loss.detach().float(), "mean").item()
+                corrupt = int(accelerator.reduce(torch.tensor(counters["corrupt"], device=accelerator.device), "sum"))
+                elapsed = time.perf_counter() - window_start
+                row = {"epoch": epoch, "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],
+                       "logit_scale": scale.detach().float().item(), "images_per_s": window_images / max(elapsed, 1e-9),
+                       "corrupt_samples": corrupt}
+                metrics.log(row, step)
+                bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{row['images_per_s']:.0f}")
+                window_start, window_images = time.perf_counter(), 0
+            if recipe.checkpoint.every_steps and step % recipe.checkpoint.every_steps == 0 and step < total_steps:
+                checkpoint()
+            if step >= total_steps:
+                break
+    bar.close()
+    checkpoint()
+    _write_data_record(run_dir, rank, world, shards_read, counters)
+    results: dict[str, Any] = {"steps": step, "world_size": world, "samples_per_epoch": n_samples}
+    if main:
+        final = accelerator.unwrap_model(model)
+        save_clip_weights(final, run_dir / "model.safetensors")
+        if recipe.export is not None:
+            save_clip_weights(final, recipe.export)
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        results["final_loss"] = rows[-1]["loss"] if rows else None
+        results["corrupt_samples"] = rows[-1]["corrupt_samples"] if rows else 0
+        final.eval()
+        results["zero_shot_top1"] = evaluate_zero_shot(clip, recipe.eval, accelerator.device)
+        write_json_atomic(run_dir / "metrics.json", results)
+        plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", ["loss", "logit_scale", "lr"],
+                    title=f"pretrain {recipe.name}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return run_dir
+
+
+def _write_data_record(run_dir: Path, rank: int, world: int, shards: set[str], counters: dict) -> None:
+    """Per-rank provenance: which shards this process read (ranks must read disjoint shards)."""
+    write_json_atomic(
+        run_dir / "data" / f"rank{rank}.json",
+        {"rank": rank, "world_size": world, "shards": sorted(shards), **counters},
+    )
