@@ -34,6 +34,10 @@ class TrainConfig(StrictModel):
     batch_size: int = Field(default=128, ge=1, description="per-process batch size")
     epochs: int = Field(default=1, ge=1)
     max_steps: int | None = Field(default=None, ge=1, description="stop after this many optimizer steps")
+    stop_after_steps: int | None = Field(
+        default=None, ge=1,
+        description="end this invocation after N more steps (checkpointed), e.g. to fit a job slot; rerun to continue",
+    )
     lr: float = Field(default=5e-4, gt=0)
     weight_decay: float = Field(default=0.1, ge=0)
     warmup_steps: int = Field(default=0, ge=0)

@@ -105,10 +105,11 @@ def run_pretrain(recipe: PretrainRecipe) -> Path:
         accelerator.wait_for_everyone()
 
     shards_read: set[str] = set()
+    stop_at = min(total_steps, step + cfg.stop_after_steps) if cfg.stop_after_steps else total_steps
     bar = tqdm(total=total_steps, initial=step, disable=not main, desc=f"pretrain {recipe.name}", unit="step")
     window_start, window_images = time.perf_counter(), 0
     model.train()
-    while step < total_steps:
+    while step < stop_at:
         epoch, skip = divmod(step, per_epoch)
         loader = make_loader(
             urls, batch_size=cfg.batch_size, transform=clip.preprocess_train, shuffle_buffer=cfg.shuffle_buffer,
@@ -155,12 +156,17 @@ def run_pretrain(recipe: PretrainRecipe) -> Path:
                 metrics.log(row, step)
                 bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{row['images_per_s']:.0f}")
                 window_start, window_images = time.perf_counter(), 0
-            if recipe.checkpoint.every_steps and step % recipe.checkpoint.every_steps == 0 and step < total_steps:
+            if recipe.checkpoint.every_steps and step % recipe.checkpoint.every_steps == 0 and step < stop_at:
                 checkpoint()
-            if step >= total_steps:
+            if step >= stop_at:
                 break
     bar.close()
     checkpoint()
+    if step < total_steps:
+        if main:
+            tqdm.write(f"stopped at step {step}/{total_steps} (train.stop_after_steps); run again to resume")
+        accelerator.end_training()
+        return run_dir
     _write_data_record(run_dir, rank, world, shards_read, counters)
     results: dict[str, Any] = {"steps": step, "world_size": world, "samples_per_epoch": n_samples}
     if main:

@@ -1,0 +1,40 @@
+"""Shared fixtures: small synthetic worlds and a CLI runner. No network, no pretrained weights."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def world_root(tmp_path_factory) -> str:
+    """A root for synthetic worlds shared by the whole session (materialised once per config)."""
+    return str(tmp_path_factory.mktemp("synthetic"))
+
+
+@pytest.fixture()
+def cli():
+    """Invoke the kdprompt CLI in-process; returns click's Result."""
+    from click.testing import CliRunner
+
+    from kdprompt.cli import main
+
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
