@@ -179,12 +179,21 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def _tree_copy(node: Any) -> Any:
+    """Copy nested dicts/lists without keeping shared references (YAML anchors become independent)."""
+    if isinstance(node, dict):
+        return {k: _tree_copy(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_tree_copy(v) for v in node]
+    return node
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return a copy of ``data`` with each ``key.sub=value`` override set.
 
     Missing sections are created; an integer part indexes a list (``eval.0.split=val``).
     """
-    out = yaml.safe_load(yaml.safe_dump(data))  # deep copy of plain data
+    out = _tree_copy(data)
     for text in overrides:
         keys, value = parse_override(text)
         node: Any = out
@@ -286,7 +295,8 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], origin
             lines.append(f"  {field}: required field is missing")
         elif err["type"] == "union_tag_invalid":
             ctx = err.get("ctx", {})
-            lines.append(f"  {field}.{ctx.get('discriminator', 'source')}: got {ctx.get('tag')!r}; "
+            tag_field = str(ctx.get("discriminator", "source")).strip("'")
+            lines.append(f"  {field}.{tag_field}: got {ctx.get('tag')!r}; "
                          f"allowed: {ctx.get('expected_tags')}")
         else:
             lines.append(f"  {field}: {err['msg']} (got {err.get('input')!r})")
