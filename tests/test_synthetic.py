@@ -58,7 +58,13 @@ def test_render_is_a_function_of_its_rng():
 
 
 def test_rng_streams_differ_across_domains_splits_labels_and_indices():
-    keys = [(0, d, s, lab, i) for d in syn.DOMAINS for s in ("train", "val", "test") for lab in (0, 1) for i in (0, 1)]
+    keys = [
+        (0, d, s, lab, i)
+        for d in syn.DOMAINS
+        for s in ("train", "val", "test")
+        for lab in (0, 1)
+        for i in (0, 1)
+    ]
     keys.append((1, "pretrain", "train", 0, 0))
     draws = {tuple(syn.image_rng(*k).integers(0, 2**62, 2)) for k in keys}
     assert len(draws) == len(keys)
@@ -160,7 +166,14 @@ def _high_freq(img: np.ndarray) -> float:
 
 
 def _border_std(img: np.ndarray) -> float:
-    border = np.concatenate([img[:2].reshape(-1, 3), img[-2:].reshape(-1, 3), img[:, :2].reshape(-1, 3), img[:, -2:].reshape(-1, 3)])
+    border = np.concatenate(
+        [
+            img[:2].reshape(-1, 3),
+            img[-2:].reshape(-1, 3),
+            img[:, :2].reshape(-1, 3),
+            img[:, -2:].reshape(-1, 3),
+        ]
+    )
     return float(border.std(axis=0).mean())
 
 
@@ -168,7 +181,9 @@ def test_downstream_is_more_varied_than_pretrain():
     stats = {}
     for domain in syn.DOMAINS:
         imgs = [
-            np.asarray(syn.render(lab, domain, syn.image_rng(0, domain, "test", lab, 0), 32), dtype=np.float32)
+            np.asarray(
+                syn.render(lab, domain, syn.image_rng(0, domain, "test", lab, 0), 32), dtype=np.float32
+            )
             for lab in range(48)
         ]
         stats[domain] = (np.mean([_high_freq(x) for x in imgs]), np.mean([_border_std(x) for x in imgs]))

@@ -55,7 +55,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "ring")
 
 DOMAINS = ("pretrain", "downstream")
-DOMAIN_SPLITS: dict[str, tuple[str, ...]] = {"pretrain": ("train", "test"), "downstream": ("train", "val", "test")}
+DOMAIN_SPLITS: dict[str, tuple[str, ...]] = {
+    "pretrain": ("train", "test"),
+    "downstream": ("train", "val", "test"),
+}
 BACKGROUND_PATTERNS = ("plain", "gradient", "stripes", "checker", "blotches")
 
 
@@ -202,12 +205,28 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float, theta: float) -> 
         pts = [(1.0 if k % 2 == 0 else 0.48, -0.5 + k / 5) for k in range(10)]
     elif shape == "cross":
         w = 0.34  # arm half-width relative to r
-        corners = [(w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w), (-w, -w), (-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w)]
+        corners = [
+            (w, 1),
+            (-w, 1),
+            (-w, w),
+            (-1, w),
+            (-1, -w),
+            (-w, -w),
+            (-w, -1),
+            (w, -1),
+            (w, -w),
+            (1, -w),
+            (1, w),
+            (w, w),
+        ]
         # Scale so the arm tips (not the corners) sit on the circumradius.
         pts = [(math.hypot(x, y), math.atan2(y, x) / math.pi) for x, y in corners]
     else:
         raise ValueError(f"{shape} is not a polygon")
-    return [(cx + r * m * math.cos(math.pi * a + theta), cy + r * m * math.sin(math.pi * a + theta)) for m, a in pts]
+    return [
+        (cx + r * m * math.cos(math.pi * a + theta), cy + r * m * math.sin(math.pi * a + theta))
+        for m, a in pts
+    ]
 
 
 def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float, theta: float) -> np.ndarray:
@@ -228,11 +247,16 @@ def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float, theta: fl
 
 
 def _hsv(h: float, s: float, v: float) -> np.ndarray:
-    return np.array(colorsys.hsv_to_rgb(h % 1.0, min(max(s, 0.0), 1.0), min(max(v, 0.0), 1.0)), dtype=np.float32) * 255
+    return (
+        np.array(colorsys.hsv_to_rgb(h % 1.0, min(max(s, 0.0), 1.0), min(max(v, 0.0), 1.0)), dtype=np.float32)
+        * 255
+    )
 
 
 def _random_bg_colour(style: Style, rng: np.random.Generator) -> np.ndarray:
-    return _hsv(rng.random(), rng.uniform(0, style.background_saturation), rng.uniform(*style.background_value))
+    return _hsv(
+        rng.random(), rng.uniform(0, style.background_saturation), rng.uniform(*style.background_value)
+    )
 
 
 def _background(style: Style, rng: np.random.Generator, size: int) -> np.ndarray:
