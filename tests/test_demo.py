@@ -1,0 +1,26 @@
+"""`kdprompt demo --quick` end to end, and reuse of the pre-trained tiny CLIPs on a second run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_demo_runs_and_reuses_pretrained_models(cli, tmp_path):
+    out, cache = tmp_path / "runs", tmp_path / "cache"
+    first = cli("demo", "--quick", "--out", out, "--cache-dir", cache)
+    assert first.exit_code == 0, first.output
+    rows = json.loads((out / "demo-quick" / "summary.json").read_text())
+    assert [r["model"].split(" (")[0] for r in rows] == ["zero-shot teacher", "zero-shot student"]
+    for row in rows:
+        assert 0 <= row["pretrain domain"] <= 100 and 0 <= row["downstream"] <= 100
+    assert (cache / "pretrained" / "kd-tiny-teacher-synthetic-quick.safetensors").is_file()
+    assert "| model |" in (out / "demo-quick" / "summary.md").read_text()
+
+    second = cli("demo", "--quick", "--out", out, "--cache-dir", cache)
+    assert second.exit_code == 0, second.output
+    assert second.output.count("reusing") == 2
+    assert json.loads((out / "demo-quick" / "summary.json").read_text()) == rows
