@@ -60,12 +60,16 @@ def recipes(ctx: click.Context) -> None:
 
     known = builtin_recipes()
     if not known:
-        raise KdpromptError("no built-in recipes found; set KDPROMPT_RECIPES_DIR to kdprompt's recipes/ folder")
+        raise KdpromptError(
+            "no built-in recipes found; set KDPROMPT_RECIPES_DIR to kdprompt's recipes/ folder"
+        )
     width = max(len(n) for n in known)
     for name, path in known.items():
         kind = read_recipe_yaml(path).get("recipe", "?")
         click.echo(f"{name:<{width}}  {kind:<9} {recipe_description(path)}")
-    click.echo("\nShow one with `kdprompt recipes show NAME`; run it with `kdprompt <command> NAME [key=value ...]`.")
+    click.echo(
+        "\nShow one with `kdprompt recipes show NAME`; run it with `kdprompt <command> NAME [key=value ...]`."
+    )
 
 
 @recipes.command("show")
@@ -120,15 +124,34 @@ def _echo_main(text: str) -> None:
 @click.argument("src")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("overrides", nargs=-1)
-@click.option("--split", "splits", multiple=True, default=("train",), show_default=True,
-              help="Split(s) to write (train, val, test); repeat for several.")
-@click.option("--format", "image_format", type=click.Choice(["jpg", "png"]), default="jpg", show_default=True,
-              help="Image encoding inside the shards.")
+@click.option(
+    "--split",
+    "splits",
+    multiple=True,
+    default=("train",),
+    show_default=True,
+    help="Split(s) to write (train, val, test); repeat for several.",
+)
+@click.option(
+    "--format",
+    "image_format",
+    type=click.Choice(["jpg", "png"]),
+    default="jpg",
+    show_default=True,
+    help="Image encoding inside the shards.",
+)
 @click.option("--maxcount", type=int, default=1000, show_default=True, help="Samples per shard.")
 @click.option("--overwrite", is_flag=True, help="Replace existing shards of the same split in OUT.")
 @_user_errors
-def shards(src: str, out: Path, overrides: tuple[str, ...], splits: tuple[str, ...], image_format: str,
-           maxcount: int, overwrite: bool) -> None:
+def shards(
+    src: str,
+    out: Path,
+    overrides: tuple[str, ...],
+    splits: tuple[str, ...],
+    image_format: str,
+    maxcount: int,
+    overwrite: bool,
+) -> None:
     """Write a data source's split(s) as webdataset shards plus sizes.json and classnames.json.
 
     \b
@@ -149,8 +172,15 @@ def shards(src: str, out: Path, overrides: tuple[str, ...], splits: tuple[str, .
     cfg = _data_config(src, overrides)
     for split in splits:
         data = load_split(cfg, split)
-        sizes = write_shards(data, out, prefix=split, image_format=image_format, maxcount=maxcount,
-                             overwrite=overwrite, progress=True)
+        sizes = write_shards(
+            data,
+            out,
+            prefix=split,
+            image_format=image_format,
+            maxcount=maxcount,
+            overwrite=overwrite,
+            progress=True,
+        )
         click.echo(f"{split}: {sum(sizes.values())} samples in {len(sizes)} shard(s) under {out}")
 
 
@@ -180,10 +210,20 @@ def _data_config(src: str, overrides: tuple[str, ...]) -> Any:
 
 
 @main.command()
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True,
-              help="Where run directories go.")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("cache"),
-              show_default=True, help="Where the synthetic world, shards and pre-trained tiny CLIPs are kept.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("runs"),
+    show_default=True,
+    help="Where run directories go.",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("cache"),
+    show_default=True,
+    help="Where the synthetic world, shards and pre-trained tiny CLIPs are kept.",
+)
 @click.option("--quick", is_flag=True, help="A much shorter run (smoke test), not for the reported figures.")
 @_user_errors
 def demo(out: Path, cache_dir: Path, quick: bool) -> None:

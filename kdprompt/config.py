@@ -35,7 +35,8 @@ class TrainConfig(StrictModel):
     epochs: int = Field(default=1, ge=1)
     max_steps: int | None = Field(default=None, ge=1, description="stop after this many optimizer steps")
     stop_after_steps: int | None = Field(
-        default=None, ge=1,
+        default=None,
+        ge=1,
         description="end this invocation after N more steps (checkpointed), e.g. to fit a job slot; rerun to continue",
     )
     lr: float = Field(default=5e-4, gt=0)
@@ -92,7 +93,8 @@ class PretrainRecipe(StrictModel):
     )
     eval: list[ZeroShotEval] = Field(default_factory=list, description="zero-shot evaluations at the end")
     export: Path | None = Field(
-        default=None, description="also copy the final open_clip weights here (e.g. cache/pretrained/x.safetensors)"
+        default=None,
+        description="also copy the final open_clip weights here (e.g. cache/pretrained/x.safetensors)",
     )
 
 
@@ -296,8 +298,9 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], origin
         elif err["type"] == "union_tag_invalid":
             ctx = err.get("ctx", {})
             tag_field = str(ctx.get("discriminator", "source")).strip("'")
-            lines.append(f"  {field}.{tag_field}: got {ctx.get('tag')!r}; "
-                         f"allowed: {ctx.get('expected_tags')}")
+            lines.append(
+                f"  {field}.{tag_field}: got {ctx.get('tag')!r}; allowed: {ctx.get('expected_tags')}"
+            )
         else:
             lines.append(f"  {field}: {err['msg']} (got {err.get('input')!r})")
     return "\n".join(lines)

@@ -46,8 +46,15 @@ def pretrained_or_train(recipe: PretrainRecipe) -> dict:
             return info["metrics"]
     run_dir = run_pretrain(recipe)
     metrics = json.loads((run_dir_of(recipe) / "metrics.json").read_text(encoding="utf-8"))
-    write_json_atomic(provenance, {"recipe_digest": digest, "run_dir": str(run_dir), "metrics": metrics,
-                                   "recipe": json.loads(json.dumps(recipe.model_dump(mode="json")))})
+    write_json_atomic(
+        provenance,
+        {
+            "recipe_digest": digest,
+            "run_dir": str(run_dir),
+            "metrics": metrics,
+            "recipe": json.loads(json.dumps(recipe.model_dump(mode="json"))),
+        },
+    )
     return metrics
 
 
@@ -71,8 +78,14 @@ def run_demo(out: Path, cache_dir: Path, quick: bool = False) -> Path:
         click.echo(f"\n== pre-train the tiny {role}-size CLIP ({recipe.model.name})")
         metrics = pretrained_or_train(recipe)
         zs = metrics.get("zero_shot_top1", {})
-        rows.append({"model": f"zero-shot {role} ({recipe.model.name})", "pretrain domain": zs.get("pretrain_test"),
-                     "downstream": zs.get("downstream_test"), "pretrain steps": metrics.get("steps")})
+        rows.append(
+            {
+                "model": f"zero-shot {role} ({recipe.model.name})",
+                "pretrain domain": zs.get("pretrain_test"),
+                "downstream": zs.get("downstream_test"),
+                "pretrain steps": metrics.get("steps"),
+            }
+        )
         write_text_atomic(demo_dir / f"pretrain-{role}.yaml", dump_recipe(recipe))
     table = markdown_table(rows, ["model", "pretrain domain", "downstream", "pretrain steps"])
     write_text_atomic(demo_dir / "summary.md", table + "\n")

@@ -40,7 +40,9 @@ def small_run(tmp_path: Path, world_root: str, name: str, model: str = "kd-tiny-
 
 
 def test_pretrain_cli_writes_loadable_weights_metrics_and_checkpoints(cli, tmp_path, world_root):
-    result = cli("pretrain", "demo/pretrain-teacher", *small_run(tmp_path, world_root, "p1", "kd-tiny-teacher"))
+    result = cli(
+        "pretrain", "demo/pretrain-teacher", *small_run(tmp_path, world_root, "p1", "kd-tiny-teacher")
+    )
     assert result.exit_code == 0, result.output
     run = tmp_path / "runs" / "p1" / "pretrain"
     rows = read_jsonl(run / "metrics.jsonl")
@@ -54,7 +56,9 @@ def test_pretrain_cli_writes_loadable_weights_metrics_and_checkpoints(cli, tmp_p
     assert list((run / "tb").rglob("events.out.tfevents*")), "TensorBoard events missing"
     # open_clip itself loads the exported weights.
     exported = tmp_path / "export" / "p1.safetensors"
-    model, _, _ = open_clip.create_model_and_transforms(resolve_model_name("kd-tiny-teacher"), pretrained=str(exported))
+    model, _, _ = open_clip.create_model_and_transforms(
+        resolve_model_name("kd-tiny-teacher"), pretrained=str(exported)
+    )
     ckpt = list_checkpoints(run / "checkpoints")[-1]
     from safetensors.torch import load_file
 
@@ -88,8 +92,12 @@ def test_resume_matches_an_uninterrupted_run(cli, tmp_path, world_root):
 
 
 def test_resume_from_a_missing_checkpoint_is_a_clear_error(cli, tmp_path, world_root):
-    result = cli("pretrain", "demo/pretrain-student", *small_run(tmp_path, world_root, "r"),
-                 f"resume={tmp_path / 'nope'}")
+    result = cli(
+        "pretrain",
+        "demo/pretrain-student",
+        *small_run(tmp_path, world_root, "r"),
+        f"resume={tmp_path / 'nope'}",
+    )
     assert result.exit_code == 2
     assert "resume checkpoint" in result.output and "nope" in result.output
 
@@ -97,10 +105,29 @@ def test_resume_from_a_missing_checkpoint_is_a_clear_error(cli, tmp_path, world_
 @pytest.mark.dist
 def test_two_process_cpu_run_reads_disjoint_shards(tmp_path, world_root):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-           "-m", "kdprompt", "pretrain", "demo/pretrain-student",
-           *small_run(tmp_path, world_root, "dist"), "train.batch_size=16", "train.max_steps=3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+        "-m",
+        "kdprompt",
+        "pretrain",
+        "demo/pretrain-student",
+        *small_run(tmp_path, world_root, "dist"),
+        "train.batch_size=16",
+        "train.max_steps=3",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = tmp_path / "runs" / "dist" / "pretrain"

@@ -22,8 +22,19 @@ def make_folder(root, classes=("cat", "red_car"), per_class=3):
 def test_shards_from_a_folder_round_trip(cli, tmp_path):
     make_folder(tmp_path / "photos")
     out = tmp_path / "shards"
-    result = cli("shards", tmp_path / "photos", out, "--split", "train", "--split", "test", "--format", "png",
-                 "--maxcount", "4")
+    result = cli(
+        "shards",
+        tmp_path / "photos",
+        out,
+        "--split",
+        "train",
+        "--split",
+        "test",
+        "--format",
+        "png",
+        "--maxcount",
+        "4",
+    )
     assert result.exit_code == 0, result.output
     assert "train: 6 samples in 2 shard(s)" in result.output
     sizes = json.loads((out / "sizes.json").read_text())
@@ -43,8 +54,16 @@ def test_shards_refuses_to_overwrite(cli, tmp_path):
 
 def test_shards_from_a_source_name_with_overrides(cli, tmp_path, world_root):
     out = tmp_path / "syn"
-    result = cli("shards", "synthetic", out, f"root={world_root}", "domain=pretrain", "train_per_class=4",
-                 "test_per_class=2", "val_per_class=1")
+    result = cli(
+        "shards",
+        "synthetic",
+        out,
+        f"root={world_root}",
+        "domain=pretrain",
+        "train_per_class=4",
+        "test_per_class=2",
+        "val_per_class=1",
+    )
     assert result.exit_code == 0, result.output
     split = load_shards_split(ShardsData(train=str(out / "train-000000.tar")), "train")
     assert len(split) == 4 * len(split.classnames)
@@ -60,11 +79,32 @@ def test_shards_bad_source_field_is_named(cli, tmp_path):
 @pytest.mark.slow
 def test_pretrain_reads_user_shards(cli, tmp_path, world_root):
     out = tmp_path / "syn"
-    assert cli("shards", "synthetic", out, f"root={world_root}", "domain=pretrain", "train_per_class=4",
-               "test_per_class=2", "val_per_class=1", "--maxcount", "64").exit_code == 0
-    result = cli("pretrain", "demo/pretrain-student", f"output_dir={tmp_path / 'runs'}", "name=from-shards",
-                 "data={source: shards, train: '" + str(out / "train-{000000..000002}.tar") + "'}",
-                 "eval=[]", "train.batch_size=32", "train.max_steps=2", "export=null")
+    assert (
+        cli(
+            "shards",
+            "synthetic",
+            out,
+            f"root={world_root}",
+            "domain=pretrain",
+            "train_per_class=4",
+            "test_per_class=2",
+            "val_per_class=1",
+            "--maxcount",
+            "64",
+        ).exit_code
+        == 0
+    )
+    result = cli(
+        "pretrain",
+        "demo/pretrain-student",
+        f"output_dir={tmp_path / 'runs'}",
+        "name=from-shards",
+        "data={source: shards, train: '" + str(out / "train-{000000..000002}.tar") + "'}",
+        "eval=[]",
+        "train.batch_size=32",
+        "train.max_steps=2",
+        "export=null",
+    )
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "runs" / "from-shards" / "pretrain" / "data" / "rank0.json").read_text())
     assert len(record["shards"]) == 3

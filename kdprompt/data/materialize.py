@@ -20,7 +20,9 @@ def _fingerprint(cfg, split_name: str, samples) -> str:
     return h.hexdigest()[:16]
 
 
-def shards_for(cfg, split: str, shards_dir: Path, maxcount: int = 1000, image_format: str = "png") -> list[str]:
+def shards_for(
+    cfg, split: str, shards_dir: Path, maxcount: int = 1000, image_format: str = "png"
+) -> list[str]:
     """Shard URLs holding ``split`` of the source ``cfg``: the shards themselves for a ``shards`` source,
     else shards written (once, under ``shards_dir/<source>-<split>-<fingerprint>/``) from the split."""
     if cfg.source == "shards":

@@ -20,7 +20,9 @@ def read_split_file(path: Path, image_dir: Path) -> dict[str, list[Sample]]:
     """
     path = Path(path)
     if not path.is_file():
-        raise KdpromptError(f"split file not found: {path}; download it from the CoOp repository (DATASETS.md)")
+        raise KdpromptError(
+            f"split file not found: {path}; download it from the CoOp repository (DATASETS.md)"
+        )
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -63,7 +65,9 @@ def classnames_from_samples(samples: list[Sample]) -> list[str]:
     names: dict[int, str] = {}
     for s in samples:
         if names.setdefault(s.label, s.classname) != s.classname:
-            raise KdpromptError(f"label {s.label} has two class names: {names[s.label]!r} and {s.classname!r}")
+            raise KdpromptError(
+                f"label {s.label} has two class names: {names[s.label]!r} and {s.classname!r}"
+            )
     n = max(names, default=-1) + 1
     missing = [i for i in range(n) if i not in names]
     if missing:

@@ -99,7 +99,9 @@ def load_checkpoint(path: Path) -> Checkpoint:
     path = Path(path)
     meta_file = path / "meta.json"
     if not meta_file.is_file():
-        raise KdpromptError(f"{path} is not a complete kdprompt checkpoint (no meta.json); pick another or resume: never")
+        raise KdpromptError(
+            f"{path} is not a complete kdprompt checkpoint (no meta.json); pick another or resume: never"
+        )
     meta = json.loads(meta_file.read_text(encoding="utf-8"))
     weights = load_file(str(path / "weights.safetensors"))
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)

@@ -70,12 +70,16 @@ def run_pretrain(recipe: PretrainRecipe) -> Path:
         urls = shards_for(recipe.data, recipe.split, recipe.shards_dir, recipe.shard_maxcount)
     n_samples = read_sizes(urls)
     if n_samples is None:
-        raise KdpromptError(f"no sizes.json beside the shards {urls[0]} ...: cannot size an epoch; "
-                            "write shards with `kdprompt shards` or add a sizes.json")
+        raise KdpromptError(
+            f"no sizes.json beside the shards {urls[0]} ...: cannot size an epoch; "
+            "write shards with `kdprompt shards` or add a sizes.json"
+        )
     per_epoch = batches_per_epoch_for(n_samples, cfg.batch_size, world)
     total_steps = cfg.max_steps or cfg.epochs * per_epoch
 
-    optimizer = torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    optimizer = torch.optim.AdamW(
+        decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6
+    )
     ckpt_dir = run_dir / "checkpoints"
     resume_from = resolve_resume(recipe.resume, ckpt_dir)
     step, counters, restored_rng = 0, {"corrupt": 0, "samples": 0}, None
@@ -100,8 +104,14 @@ def run_pretrain(recipe: PretrainRecipe) -> Path:
         accelerator.wait_for_everyone()
         if main:
             state = {"optimizer": optimizer.state_dict(), "counters": counters, "rng": rng_state()}
-            save_checkpoint(ckpt_dir, step, accelerator.unwrap_model(model).state_dict(), state,
-                            {"epoch": step // per_epoch, "total_steps": total_steps}, recipe.checkpoint.keep_last)
+            save_checkpoint(
+                ckpt_dir,
+                step,
+                accelerator.unwrap_model(model).state_dict(),
+                state,
+                {"epoch": step // per_epoch, "total_steps": total_steps},
+                recipe.checkpoint.keep_last,
+            )
         accelerator.wait_for_everyone()
 
     shards_read: set[str] = set()
@@ -112,9 +122,17 @@ def run_pretrain(recipe: PretrainRecipe) -> Path:
     while step < stop_at:
         epoch, skip = divmod(step, per_epoch)
         loader = make_loader(
-            urls, batch_size=cfg.batch_size, transform=clip.preprocess_train, shuffle_buffer=cfg.shuffle_buffer,
-            seed=recipe.seed, epoch=epoch, resampled=cfg.resampled, batches_per_epoch=per_epoch,
-            num_workers=cfg.num_workers, rank=rank, world_size=world,
+            urls,
+            batch_size=cfg.batch_size,
+            transform=clip.preprocess_train,
+            shuffle_buffer=cfg.shuffle_buffer,
+            seed=recipe.seed,
+            epoch=epoch,
+            resampled=cfg.resampled,
+            batches_per_epoch=per_epoch,
+            num_workers=cfg.num_workers,
+            rank=rank,
+            world_size=world,
         )
         batches = iter(loader)
         for _ in range(skip):  # replay the data position of a resumed run
@@ -148,11 +166,18 @@ def run_pretrain(recipe: PretrainRecipe) -> Path:
             bar.update(1)
             if step % cfg.log_every == 0 or step == total_steps:
                 mean_loss = accelerator.reduce(loss.detach().float(), "mean").item()
-                corrupt = int(accelerator.reduce(torch.tensor(counters["corrupt"], device=accelerator.device), "sum"))
+                corrupt = int(
+                    accelerator.reduce(torch.tensor(counters["corrupt"], device=accelerator.device), "sum")
+                )
                 elapsed = time.perf_counter() - window_start
-                row = {"epoch": epoch, "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],
-                       "logit_scale": scale.detach().float().item(), "images_per_s": window_images / max(elapsed, 1e-9),
-                       "corrupt_samples": corrupt}
+                row = {
+                    "epoch": epoch,
+                    "loss": mean_loss,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "logit_scale": scale.detach().float().item(),
+                    "images_per_s": window_images / max(elapsed, 1e-9),
+                    "corrupt_samples": corrupt,
+                }
                 metrics.log(row, step)
                 bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{row['images_per_s']:.0f}")
                 window_start, window_images = time.perf_counter(), 0
@@ -180,8 +205,12 @@ def run_pretrain(recipe: PretrainRecipe) -> Path:
         final.eval()
         results["zero_shot_top1"] = evaluate_zero_shot(clip, recipe.eval, accelerator.device)
         write_json_atomic(run_dir / "metrics.json", results)
-        plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", ["loss", "logit_scale", "lr"],
-                    title=f"pretrain {recipe.name}")
+        plot_curves(
+            run_dir / "metrics.jsonl",
+            run_dir / "curves.png",
+            ["loss", "logit_scale", "lr"],
+            title=f"pretrain {recipe.name}",
+        )
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir

@@ -34,7 +34,9 @@ def make_accelerator(run_dir: Path, mixed_precision: str = "auto", tensorboard: 
     return accelerator
 
 
-def cosine_lr(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0, warmup_lr: float = 0.0) -> float:
+def cosine_lr(
+    step: int, total_steps: int, base_lr: float, warmup_steps: int = 0, warmup_lr: float = 0.0
+) -> float:
     """Learning rate at ``step`` (0-based): constant ``warmup_lr`` (or linear ramp when 0) then cosine to 0."""
     if step < warmup_steps:
         return warmup_lr if warmup_lr > 0 else base_lr * (step + 1) / warmup_steps
