@@ -38,6 +38,9 @@ def main() -> None:
     \b
     Pipeline:
       kdprompt pretrain RECIPE   contrastive CLIP pre-training on image-text shards
+      kdprompt teacher RECIPE    prompt-learn a teacher (PromptSRC / MaPLe), cache its class features
+      kdprompt cache TEACHER     text-feature cache for another class list, no retraining
+      kdprompt eval ...          base / novel / HM accuracy of zero-shot CLIPs and teachers
       kdprompt shards SRC OUT    write any data source's split as webdataset shards
       kdprompt demo              the pipeline on the built-in synthetic world, offline
 
@@ -107,6 +110,68 @@ def pretrain(recipe: str, overrides: tuple[str, ...], dry_run: bool) -> None:
 
     run_dir = run_pretrain(resolved)
     _echo_main(f"done: {run_dir}")
+
+
+# ------------------------------------------------------------------------------------------ teacher
+
+
+@main.command()
+@click.argument("recipe")
+@click.argument("overrides", nargs=-1)
+@click.option("--dry-run", is_flag=True, help="Print the resolved recipe and exit.")
+@_user_errors
+def teacher(recipe: str, overrides: tuple[str, ...], dry_run: bool) -> None:
+    """Train a prompt-learned teacher (PromptSRC or MaPLe) on few-shot labelled base classes.
+
+    RECIPE is a built-in name (see `kdprompt recipes`) or a YAML file; OVERRIDES are key.sub=value
+    pairs, e.g. `method.name=maple fewshot.shots=4 seed=2`. Writes <output_dir>/<name>/teacher/
+    (prompts.safetensors, teacher.json, metrics, checkpoints, curves.png, eval.md) and the text-feature
+    cache of all the data's classes under cache/<name>/ (or `cache_dir`).
+    """
+    from kdprompt.config import TeacherRecipe, dump_recipe, load_recipe
+
+    resolved = load_recipe(TeacherRecipe, recipe, overrides)
+    if dry_run:
+        click.echo(dump_recipe(resolved), nl=False)
+        return
+    from kdprompt.train.teacher import run_teacher
+
+    run_dir = run_teacher(resolved)
+    _echo_main(f"done: {run_dir}")
+
+
+# -------------------------------------------------------------------------------------------- cache
+
+
+@main.command()
+@click.argument("teacher_dir", metavar="TEACHER", type=click.Path(path_type=Path))
+@click.option("--classes", "classes_file", required=True, type=click.Path(path_type=Path),
+              help="Class names: a text file (one per line) or a JSON list.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Cache directory to write (default: cache/<teacher run name>-<classes file stem>).")
+@click.option("--device", default="cpu", show_default=True, help="Device to encode the class names on.")
+@_user_errors
+def cache(teacher_dir: Path, classes_file: Path, out: Path | None, device: str) -> None:
+    """Build a text-feature cache for any class list from a trained TEACHER, without retraining.
+
+    TEACHER is a teacher directory (runs/<name>/teacher). The cache holds the teacher's prompted class
+    text features (text_features.safetensors), a FAISS index and a manifest with the teacher's
+    fingerprint; students and bundles classify with it alone.
+    """
+    import torch
+
+    from kdprompt.cache import build_cache, read_classnames_file
+    from kdprompt.models.teacher import load_teacher
+
+    classnames = read_classnames_file(classes_file)
+    model = load_teacher(teacher_dir, device=device)
+    with torch.no_grad():
+        features = model.class_features(classnames).float().cpu()
+    out = out or Path("cache") / f"{Path(teacher_dir).resolve().parent.name}-{classes_file.stem}"
+    build_cache(features, classnames, out, teacher_fingerprint=model.fingerprint,
+                logit_scale=float(model.logit_scale),
+                provenance={"teacher": str(teacher_dir), "classes_file": str(classes_file)})
+    click.echo(f"cache of {len(classnames)} classes written to {out}")
 
 
 def _echo_main(text: str) -> None:
@@ -236,6 +301,14 @@ def demo(out: Path, cache_dir: Path, quick: bool) -> None:
 
     run_demo(out=out, cache_dir=cache_dir, quick=quick)
 
+
+def _register_eval() -> None:
+    from kdprompt.eval_cli import eval_command
+
+    main.add_command(eval_command, "eval")
+
+
+_register_eval()
 
 if __name__ == "__main__":
     main()

@@ -13,7 +13,7 @@ import os
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError
@@ -98,13 +98,102 @@ class PretrainRecipe(StrictModel):
     )
 
 
+class GPAConfig(StrictModel):
+    """PromptSRC's Gaussian prompt aggregation: per-epoch weights from a Gaussian over epoch numbers."""
+
+    enabled: bool = True
+    mean: float = Field(default=15.0, description="epoch (1-based) at the Gaussian's peak")
+    std: float = Field(default=1.0, gt=0)
+
+
+class PromptSRCMethod(StrictModel):
+    """PromptSRC: independent deep vision and text prompts with self-regulating losses."""
+
+    name: Literal["promptsrc"] = "promptsrc"
+    n_ctx_text: int = Field(default=4, ge=1)
+    n_ctx_vision: int = Field(default=4, ge=1)
+    text_depth: int = Field(default=9, ge=1, description="blocks receiving text prompts (1 = input only)")
+    vision_depth: int = Field(default=9, ge=1, description="blocks receiving vision prompts (1 = input only)")
+    ctx_init: str | None = Field(default="a photo of a", description="phrase initialising the text context")
+    ce_weight: float = Field(default=1.0, ge=0)
+    text_loss_weight: float = Field(default=25.0, ge=0, description="L1 to frozen template-ensemble text features")
+    image_loss_weight: float = Field(default=10.0, ge=0, description="L1 to frozen image features")
+    kl_weight: float = Field(default=1.0, ge=0, description="KL(zero-shot || prompted) logits")
+    templates: Literal["simple", "ensemble"] = Field(
+        default="ensemble", description="templates of the frozen text features the text L1 pulls towards"
+    )
+    gpa: GPAConfig = GPAConfig()
+
+
+class MaPLeMethod(StrictModel):
+    """MaPLe: deep text prompts coupled to vision prompts by per-depth linear maps."""
+
+    name: Literal["maple"] = "maple"
+    n_ctx: int = Field(default=2, ge=1)
+    depth: int = Field(default=9, ge=1, description="blocks receiving prompts in both towers (1 = input only)")
+    ctx_init: str | None = Field(default="a photo", description="phrase initialising the text context")
+
+
+MethodConfig = Annotated[PromptSRCMethod | MaPLeMethod, Field(discriminator="name")]
+
+
+class FewShotConfig(StrictModel):
+    """The CoOp protocol: K labelled images per class of the chosen classes."""
+
+    shots: int | None = Field(default=16, ge=1, description="images per class (None: all)")
+    classes: Literal["base", "all"] = Field(default="base", description="train on the base half or all classes")
+
+
+class TeacherTrainConfig(StrictModel):
+    """Optimisation of the prompts (PromptSRC's base-to-novel defaults)."""
+
+    batch_size: int = Field(default=4, ge=1, description="per-process batch size")
+    epochs: int = Field(default=20, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
+    stop_after_steps: int | None = Field(
+        default=None, ge=1,
+        description="end this invocation after N more steps (checkpointed), e.g. to fit a job slot; rerun to continue",
+    )
+    lr: float = Field(default=0.0025, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    warmup_epochs: int = Field(default=1, ge=0, description="epochs at the constant warm-up lr")
+    warmup_lr: float = Field(default=1e-5, gt=0)
+    num_workers: int = Field(default=0, ge=0)
+    log_every: int = Field(default=10, ge=1)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+
+
+class TeacherRecipe(StrictModel):
+    """``kdprompt teacher``: prompt learning on few-shot labelled data, then the text-feature cache."""
+
+    recipe: Literal["teacher"] = "teacher"
+    name: str = Field(description="run name: outputs go to <output_dir>/<name>/teacher/")
+    description: str = ""
+    seed: int = Field(default=1, description="drives few-shot sampling, data order and initialisation")
+    output_dir: Path = Path("runs")
+    model: ModelSpec
+    data: DataConfig
+    fewshot: FewShotConfig = FewShotConfig()
+    method: MethodConfig = Field(default_factory=PromptSRCMethod)
+    train: TeacherTrainConfig = TeacherTrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    resume: Literal["auto", "never"] | Path = "auto"
+    selection: Literal["last", "val"] = Field(
+        default="last",
+        description="last: the final (GPA-aggregated) prompts; val: the epoch best on the val split (never test)",
+    )
+    cache_dir: Path | None = Field(default=None, description="where the text-feature cache goes (default cache/<name>)")
+    evaluate: bool = Field(default=True, description="report base/novel/HM on the test split at the end")
+
+
 class DataSection(StrictModel):
     """Just a ``data:`` section (``kdprompt shards`` validates its SRC with it)."""
 
     data: DataConfig
 
 
-RECIPE_MODELS: dict[str, type[StrictModel]] = {"pretrain": PretrainRecipe}
+RECIPE_MODELS: dict[str, type[StrictModel]] = {"pretrain": PretrainRecipe, "teacher": TeacherRecipe}
 
 R = TypeVar("R", bound=BaseModel)
 
@@ -240,16 +329,16 @@ def _unwrap(annotation: Any) -> list[Any]:
 
 
 class _Union:
-    """Several candidate models at one location; the next location part (the ``source`` tag) picks one."""
+    """Several candidate models at one location; the next location part (the union's tag) picks one."""
 
     def __init__(self, models: list[type[BaseModel]]) -> None:
         self.models = models
 
     def pick(self, tag: Any) -> type[BaseModel] | None:
         for m in self.models:
-            field = m.model_fields.get("source")
-            if field is not None and tag in get_args(field.annotation):
-                return m
+            for field in m.model_fields.values():
+                if get_origin(field.annotation) is Literal and tag in get_args(field.annotation):
+                    return m
         return None
 
 

@@ -1,0 +1,286 @@
+"""``kdprompt teacher``: prompt learning (PromptSRC or MaPLe) on few-shot labelled data, then the cache."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from kdprompt.config import TeacherRecipe, dump_recipe
+from kdprompt.data.dataset import SplitDataset
+from kdprompt.data.protocol import few_shot, subsample_classes, val_shots
+from kdprompt.data.sources import load_split
+from kdprompt.data.types import Split
+from kdprompt.errors import KdpromptError
+from kdprompt.evaluate import TEMPLATE_SETS, accuracy, predict, text_classifier
+from kdprompt.io import write_json_atomic, write_text_atomic
+from kdprompt.models.loading import create_clip
+from kdprompt.models.teacher import PromptedClip, save_teacher
+from kdprompt.objectives import accumulate_gpa, gaussian_epoch_weights, promptsrc_losses
+from kdprompt.train.checkpoint import (
+    load_checkpoint,
+    resolve_resume,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from kdprompt.train.metrics import MetricsLog, plot_curves
+from kdprompt.train.runtime import cosine_lr, make_accelerator, set_lr
+
+
+def run_dir_of(recipe: TeacherRecipe) -> Path:
+    """``<output_dir>/<name>/teacher``."""
+    return Path(recipe.output_dir) / recipe.name / "teacher"
+
+
+def cache_dir_of(recipe: TeacherRecipe) -> Path:
+    """Where the teacher's text-feature cache goes (``cache/<name>`` unless set)."""
+    return recipe.cache_dir or Path("cache") / recipe.name
+
+
+def fewshot_splits(recipe: TeacherRecipe) -> tuple[Split, Split | None, list[str]]:
+    """The few-shot training split, the optional validation split, and all class names of the data."""
+    train = load_split(recipe.data, "train")
+    all_classnames = list(train.classnames)
+    if recipe.fewshot.classes == "base":
+        train = subsample_classes(train, "base")
+    train.samples = few_shot(train.samples, recipe.fewshot.shots, recipe.seed)
+    if not train.samples:
+        raise KdpromptError(f"the train split of {recipe.data.source} data has no images of the chosen classes")
+    val = None
+    if recipe.selection == "val":
+        val = load_split(recipe.data, "val")
+        if len(val) == 0:
+            raise KdpromptError("selection: val needs a non-empty val split; use selection: last")
+        if recipe.fewshot.classes == "base":
+            val = subsample_classes(val, "base")
+        val.samples = few_shot(val.samples, val_shots(recipe.fewshot.shots or 0) or None, recipe.seed)
+    return train, val, all_classnames
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
+    """This rank's batches of sample indices for ``epoch``: one seeded permutation split across ranks.
+
+    Every rank gets the same number of batches (the permutation is cut to a multiple of ``world``).
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    mine = order[: (n // world) * world][rank::world]
+    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+def _trainable_state(model: PromptedClip) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.learner.state_dict().items()}
+
+
+@torch.no_grad()
+def _val_accuracy(model: PromptedClip, split: Split, device: torch.device) -> float:
+    model.eval()
+    classifier = model.class_features(split.classnames)
+    preds, labels = predict(model.encode_images, classifier, split, model.transform, device)
+    model.train()
+    return accuracy(preds, labels)
+
+
+def run_teacher(recipe: TeacherRecipe) -> Path:
+    """Train the teacher, write its artefact and text-feature cache, and evaluate; returns the run dir."""
+    run_dir = run_dir_of(recipe)
+    cfg, method = recipe.train, recipe.method
+    accelerator = make_accelerator(run_dir, cfg.mixed_precision)
+    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    set_seed(recipe.seed)
+    with accelerator.main_process_first():
+        train, val, all_classnames = fewshot_splits(recipe)
+    classnames = train.classnames
+    clip = create_clip(recipe.model)
+    model = PromptedClip(clip, method, name=f"teacher {recipe.name}")
+    device = accelerator.device
+    is_src = method.name == "promptsrc"
+    frozen_text = None
+    if is_src:
+        templates = TEMPLATE_SETS[method.templates]
+        frozen_text = text_classifier(clip.model.encode_text, clip.tokenizer, classnames, templates).to(device)
+    weights = {"ce": method.ce_weight, "text": method.text_loss_weight, "image": method.image_loss_weight,
+               "kl": method.kl_weight} if is_src else {}
+    gpa_on = is_src and method.gpa.enabled
+    gpa_weights = gaussian_epoch_weights(cfg.epochs, method.gpa.mean, method.gpa.std) if gpa_on else []
+
+    per_epoch = math.ceil((len(train) // world) / cfg.batch_size)
+    if per_epoch == 0:
+        raise KdpromptError(f"{len(train)} training images cannot be split across {world} processes")
+    total_steps = cfg.max_steps or cfg.epochs * per_epoch
+    optimizer = torch.optim.SGD(model.learner.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+
+    ckpt_dir = run_dir / "checkpoints"
+    step, restored_rng = 0, None
+    gpa: dict[str, torch.Tensor] | None = None
+    best: dict[str, torch.Tensor] | None = None
+    counters: dict[str, Any] = {"gpa_weight": 0.0, "best_val": -1.0, "best_epoch": -1}
+    resume_from = resolve_resume(recipe.resume, ckpt_dir)
+    if resume_from is not None:
+        ckpt = load_checkpoint(resume_from)
+        learner_state = {k[len("learner."):]: v for k, v in ckpt.weights.items() if k.startswith("learner.")}
+        model.learner.load_state_dict(learner_state)
+        gpa = {k[len("gpa."):]: v for k, v in ckpt.weights.items() if k.startswith("gpa.")} or None
+        best = {k[len("best."):]: v for k, v in ckpt.weights.items() if k.startswith("best.")} or None
+        optimizer.load_state_dict(ckpt.state["optimizer"])
+        step, counters, restored_rng = ckpt.step, dict(ckpt.state["counters"]), ckpt.state["rng"]
+        if main:
+            tqdm.write(f"resuming from {resume_from} (step {step})")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    core: PromptedClip = accelerator.unwrap_model(model)
+    class_tokens = core.class_tokens(classnames)
+    if frozen_text is not None:
+        frozen_text = frozen_text.to(device)
+
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
+    metrics = MetricsLog(run_dir / "metrics.jsonl", accelerator)
+    metrics.truncate_after(step)
+    accelerator.init_trackers("teacher")
+
+    def checkpoint(epoch_end: bool) -> None:
+        accelerator.wait_for_everyone()
+        if main:
+            tensors = {f"learner.{k}": v for k, v in _trainable_state(core).items()}
+            tensors.update({f"gpa.{k}": v for k, v in (gpa or {}).items()})
+            tensors.update({f"best.{k}": v for k, v in (best or {}).items()})
+            state = {"optimizer": optimizer.state_dict(), "counters": counters, "rng": rng_state()}
+            save_checkpoint(ckpt_dir, step, tensors, state, {"epoch_end": epoch_end, "total_steps": total_steps},
+                            recipe.checkpoint.keep_last)
+        accelerator.wait_for_everyone()
+
+    dataset = SplitDataset(train, core.train_transform)
+    stop_at = min(total_steps, step + cfg.stop_after_steps) if cfg.stop_after_steps else total_steps
+    bar = tqdm(total=total_steps, initial=step, disable=not main, desc=f"teacher {recipe.name}", unit="step")
+    warmup_steps = cfg.warmup_epochs * per_epoch
+    window_start, window_images = time.perf_counter(), 0
+    model.train()
+    while step < stop_at:
+        epoch, skip = divmod(step, per_epoch)
+        batches = epoch_batches(len(dataset), cfg.batch_size, recipe.seed, epoch, rank, world)[skip:]
+        loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers)
+        if restored_rng is not None:
+            if main:
+                set_rng_state(restored_rng)
+            else:
+                torch.manual_seed(recipe.seed + 7919 * rank + step)
+            restored_rng = None
+        for images, labels in loader:
+            images, labels = images.to(device), labels.to(device)
+            set_lr(optimizer, cosine_lr(step, total_steps, cfg.lr, warmup_steps, cfg.warmup_lr))
+            with accelerator.autocast():
+                image_f, text_f = model(images, class_tokens)
+                scale = core.logit_scale
+                logits = scale * image_f @ text_f.T
+                if is_src:
+                    frozen_img = core.frozen_image_features(images)
+                    terms = promptsrc_losses(
+                        logits=logits, labels=labels, text_features=text_f, frozen_text_features=frozen_text,
+                        image_features=image_f, frozen_image_features=frozen_img,
+                        zero_shot_logits=scale * frozen_img @ frozen_text.T, weights=weights,
+                    )
+                else:
+                    terms = {"loss": torch.nn.functional.cross_entropy(logits, labels)}
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(terms["loss"])
+            optimizer.step()
+            step += 1
+            window_images += len(labels) * world
+            bar.update(1)
+            if step % cfg.log_every == 0 or step % per_epoch == 0 or step == total_steps:
+                row = {k: accelerator.reduce(v.detach().float(), "mean").item() for k, v in terms.items()}
+                acc = (logits.argmax(-1) == labels).float().mean()
+                row.update(epoch=epoch, lr=optimizer.param_groups[0]["lr"],
+                           train_acc=100 * accelerator.reduce(acc, "mean").item(),
+                           images_per_s=window_images / max(time.perf_counter() - window_start, 1e-9))
+                metrics.log(row, step)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['train_acc']:.0f}")
+                window_start, window_images = time.perf_counter(), 0
+            epoch_end = step % per_epoch == 0
+            if epoch_end:
+                finished = step // per_epoch  # 1-based number of the epoch just finished
+                if gpa_on and finished <= len(gpa_weights):
+                    gpa = accumulate_gpa(gpa, core.learner.state_dict(), gpa_weights[finished - 1])
+                    counters["gpa_weight"] += gpa_weights[finished - 1]
+                if val is not None:
+                    val_acc = _val_accuracy(core, val, device)
+                    metrics.log({"val_acc": val_acc, "epoch": finished - 1}, step)
+                    if val_acc > counters["best_val"]:
+                        counters["best_val"], counters["best_epoch"] = val_acc, finished
+                        best = _trainable_state(core)
+            if step < stop_at and (epoch_end or (recipe.checkpoint.every_steps
+                                                 and step % recipe.checkpoint.every_steps == 0)):
+                checkpoint(epoch_end)
+            if step >= stop_at:
+                break
+    bar.close()
+    checkpoint(step % per_epoch == 0)
+    if step < total_steps:
+        if main:
+            tqdm.write(f"stopped at step {step}/{total_steps} (train.stop_after_steps); run again to resume")
+        accelerator.end_training()
+        return run_dir
+
+    final, selected = _final_state(core, gpa, counters, best, recipe)
+    core.learner.load_state_dict(final)
+    if main:
+        _finish(recipe, core, run_dir, classnames, all_classnames, train, selected, step)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return run_dir
+
+
+def _final_state(core: PromptedClip, gpa, counters: dict, best, recipe: TeacherRecipe) -> tuple[dict, str]:
+    """The prompts the teacher ships with: best-on-val, the GPA aggregate, or the last state."""
+    if recipe.selection == "val" and best is not None:
+        return best, f"val (epoch {counters['best_epoch']}, {counters['best_val']:.2f}%)"
+    if gpa is not None and counters["gpa_weight"] > 0:
+        # Normalise by the weight actually accumulated (max_steps may end training early).
+        return {k: v / counters["gpa_weight"] for k, v in gpa.items()}, "gpa"
+    return _trainable_state(core), "last"
+
+
+def _finish(recipe: TeacherRecipe, core: PromptedClip, run_dir: Path, classnames: list[str],
+            all_classnames: list[str], train: Split, selected: str, steps: int) -> None:
+    """Write the artefact, the cache of all classes, the evaluation and the curves (main process)."""
+    from kdprompt.cache import build_cache
+    from kdprompt.evaluate import ZeroShotClassifier, evaluate_base_novel, evaluation_table
+
+    core.eval()
+    fingerprint = save_teacher(
+        run_dir, core, classnames=classnames, all_classnames=all_classnames,
+        extra={"data": recipe.data.model_dump(mode="json"), "fewshot": recipe.fewshot.model_dump(mode="json"),
+               "seed": recipe.seed, "selection": selected, "train_images": len(train), "steps": steps},
+    )
+    with torch.no_grad():
+        features = core.class_features(all_classnames).float().cpu()
+    cache_dir = cache_dir_of(recipe)
+    build_cache(features, all_classnames, cache_dir, teacher_fingerprint=fingerprint,
+                logit_scale=float(core.logit_scale), provenance={
+                    "teacher": str(run_dir), "model": core.spec.model_dump(mode="json"),
+                    "method": recipe.method.name})
+    results: dict[str, Any] = {"fingerprint": fingerprint, "selection": selected, "steps": steps,
+                               "cache": str(cache_dir)}
+    if recipe.evaluate:
+        test = load_split(recipe.data, "test")
+        zero_shot = ZeroShotClassifier(
+            create_clip(recipe.model), templates="simple", name=f"zero-shot {recipe.model.name}"
+        )
+        rows = [evaluate_base_novel(zero_shot, test, device=core.device),
+                evaluate_base_novel(core, test, device=core.device)]
+        results["eval"] = rows
+        table = evaluation_table(rows)
+        write_text_atomic(run_dir / "eval.md", table + "\n")
+        tqdm.write("\n" + table)
+    write_json_atomic(run_dir / "metrics.json", results)
+    plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", ["loss", "train_acc", "val_acc", "lr"],
+                title=f"teacher {recipe.name} ({recipe.method.name})")
