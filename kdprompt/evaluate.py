@@ -1,16 +1,29 @@
-"""Accuracy, zero-shot classifiers, base/novel/harmonic mean and their reports."""
+"""Accuracy, zero-shot classifiers, base/novel/harmonic mean and their reports.
+
+Every model that classifies images against class names (a zero-shot CLIP, a prompt-learned teacher,
+a distilled student, a deployed bundle) implements :class:`ImageTextClassifier`; the base/novel
+evaluation and the ``kdprompt eval`` command work on that interface alone.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+from PIL import Image
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from kdprompt.data.dataset import SplitDataset
+from kdprompt.data.protocol import base_novel_labels
 from kdprompt.data.types import Split
+from kdprompt.errors import KdpromptError
+
+if TYPE_CHECKING:
+    from kdprompt.models.loading import LoadedClip
 
 SIMPLE_TEMPLATE = "a photo of a {}."
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
@@ -34,16 +47,17 @@ def text_classifier(
     batch_size: int = 256,
 ) -> torch.Tensor:
     """Class weights (C x D, L2-normalised): per class, the normalised mean of normalised template features."""
-    weights = []
-    for name in classnames:
-        prompts = [t.format(name) for t in templates]
-        feats = []
-        for i in range(0, len(prompts), batch_size):
-            tokens = tokenizer(prompts[i : i + batch_size]).to(device)
-            feats.append(F.normalize(encode_text(tokens).float(), dim=-1))
-        mean = torch.cat(feats).mean(dim=0)
-        weights.append(F.normalize(mean, dim=-1))
-    return torch.stack(weights)
+    # All (class, template) prompts go through the text tower in shared batches: one forward pass
+    # per class would cost far more than the model itself for small models and short templates.
+    prompts = [t.format(name) for name in classnames for t in templates]
+    if not prompts:
+        raise ValueError("text_classifier needs at least one class name and one template")
+    feats = []
+    for i in range(0, len(prompts), batch_size):
+        tokens = tokenizer(prompts[i : i + batch_size]).to(device)
+        feats.append(F.normalize(encode_text(tokens).float(), dim=-1))
+    per_template = torch.cat(feats).view(len(classnames), len(templates), -1)
+    return F.normalize(per_template.mean(dim=1), dim=-1)
 
 
 @torch.no_grad()
@@ -103,3 +117,189 @@ def markdown_table(rows: list[dict], columns: Sequence[str]) -> str:
     sep = "| " + " | ".join("---" for _ in columns) + " |"
     body = ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join([head, sep, *body])
+
+
+# ------------------------------------------------------------------------ the classifier interface
+
+
+@runtime_checkable
+class ImageTextClassifier(Protocol):
+    """What every evaluable model provides: image features and class-name features in one space.
+
+    Attributes:
+        name: how the model is shown in reports (e.g. ``"zero-shot kd-tiny-teacher"``).
+        transform: PIL image -> image tensor, the model's evaluation preprocessing.
+    """
+
+    name: str
+    transform: Callable[[Image.Image], Tensor]
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """L2-normalised image features (B x D) of a batch of transformed images."""
+        ...
+
+    def class_features(self, classnames: list[str]) -> Tensor:
+        """L2-normalised class features (C x D), row ``i`` for ``classnames[i]``."""
+        ...
+
+
+class ZeroShotClassifier:
+    """A plain open_clip CLIP as an :class:`ImageTextClassifier`: classes are prompted templates.
+
+    Args:
+        clip: the model with its tokenizer and evaluation transform.
+        templates: ``"simple"`` ("a photo of a {}."), ``"ensemble"`` (the 80 OpenAI ImageNet
+            templates, averaged), or an explicit sequence of ``{}`` templates.
+        name: report name; default ``"zero-shot <model name>"``.
+    """
+
+    def __init__(
+        self, clip: LoadedClip, templates: str | Sequence[str] = "simple", name: str | None = None
+    ) -> None:
+        if isinstance(templates, str):
+            if templates not in TEMPLATE_SETS:
+                raise KdpromptError(
+                    f"unknown template set {templates!r}; choose one of {', '.join(TEMPLATE_SETS)}"
+                )
+            templates = TEMPLATE_SETS[templates]
+        self.model = clip.model
+        self.tokenizer = clip.tokenizer
+        self.transform = clip.preprocess_val
+        self.templates = tuple(templates)
+        self.name = name or f"zero-shot {clip.spec.name}"
+        self.model.eval()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device: torch.device | str) -> ZeroShotClassifier:
+        """Move the model to ``device``; returns self."""
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        """L2-normalised float image features (B x D)."""
+        # Low-precision models (bf16/fp16 weights) need inputs of the same dtype.
+        dtype = next(self.model.visual.parameters()).dtype
+        feats = self.model.encode_image(images.to(device=self.device, dtype=dtype))
+        return F.normalize(feats.float(), dim=-1)
+
+    @torch.no_grad()
+    def class_features(self, classnames: list[str]) -> Tensor:
+        """Template-averaged, L2-normalised class features (C x D)."""
+        return text_classifier(
+            self.model.encode_text, self.tokenizer, classnames, self.templates, self.device
+        )
+
+
+# ------------------------------------------------------------------------------- base/novel/HM
+
+
+@torch.no_grad()
+def _encode_split(
+    clf: ImageTextClassifier, split: Split, device: torch.device | str, batch_size: int
+) -> tuple[Tensor, Tensor]:
+    """Image features (N x D, on CPU, float) and labels (N) of every sample of ``split``."""
+    loader = DataLoader(SplitDataset(split, clf.transform), batch_size=batch_size, shuffle=False)
+    feats, labels = [], []
+    for images, target in loader:
+        feats.append(F.normalize(clf.encode_images(images.to(device)).float(), dim=-1).cpu())
+        labels.append(target)
+    if not feats:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def _subset_accuracy(logits: Tensor, labels: Tensor, classes: list[int]) -> tuple[float, int]:
+    """Top-1 (%) and count of the images whose label is in ``classes``, argmax among those classes."""
+    if not classes:
+        return 0.0, 0
+    lo, hi = classes[0], classes[-1] + 1  # base and novel labels are contiguous ranges
+    rows = (labels >= lo) & (labels < hi)
+    n = int(rows.sum())
+    if n == 0:
+        return 0.0, 0
+    preds = logits[rows][:, lo:hi].argmax(dim=-1) + lo
+    return accuracy(preds, labels[rows]), n
+
+
+def evaluate_base_novel(
+    clf: ImageTextClassifier,
+    split: Split,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+) -> dict[str, Any]:
+    """Base / novel / all top-1 accuracy and their harmonic mean, by the CoOp protocol.
+
+    Base classes are the first ``ceil(n / 2)`` of the split's ``n`` classes, novel the rest. Base
+    images are classified among the base classes only, novel images among the novel classes only,
+    and every image among all classes. Each image and each class is encoded once: a class's
+    features do not depend on the other classes, so the three settings are column slices of one
+    image x class similarity matrix.
+
+    Args:
+        clf: the model (moved to ``device`` when it has a ``to`` method; evaluated in eval mode).
+        split: a labelled split, labels indexing ``split.classnames``.
+        device: where images are encoded.
+        batch_size: images per forward pass.
+
+    Returns:
+        ``model``, ``split``, ``base``, ``novel``, ``all``, ``hm`` (percent), ``n_base``,
+        ``n_novel``, ``n_all`` (images) and ``num_base_classes``, ``num_novel_classes``.
+
+    Raises:
+        KdpromptError: an image cannot be read (the message names it), or a label is out of range.
+    """
+    num_classes = len(split.classnames)
+    for s in split.samples:
+        if not 0 <= s.label < num_classes:
+            what = s.key or (s.image if isinstance(s.image, str) else "<bytes>")
+            raise KdpromptError(f"sample {what!r} has label {s.label}, outside 0..{num_classes - 1}")
+    base, novel = base_novel_labels(num_classes)
+    if hasattr(clf, "to"):
+        clf.to(device)
+    was_training = clf.training if isinstance(clf, nn.Module) else None
+    if isinstance(clf, nn.Module):
+        clf.eval()
+    try:
+        with torch.no_grad():
+            image_feats, labels = _encode_split(clf, split, device, batch_size)
+            if labels.numel() and num_classes:
+                class_feats = F.normalize(clf.class_features(list(split.classnames)).float(), dim=-1)
+                logits = image_feats @ class_feats.cpu().T
+            else:
+                logits = torch.empty(labels.numel(), num_classes)
+    finally:
+        if isinstance(clf, nn.Module) and was_training is not None:
+            clf.train(was_training)
+    base_acc, n_base = _subset_accuracy(logits, labels, base)
+    novel_acc, n_novel = _subset_accuracy(logits, labels, novel)
+    all_acc, n_all = _subset_accuracy(logits, labels, list(range(num_classes)))
+    return {
+        "model": clf.name,
+        "split": split.name,
+        "base": base_acc,
+        "novel": novel_acc,
+        "all": all_acc,
+        "hm": harmonic_mean(base_acc, novel_acc),
+        "n_base": n_base,
+        "n_novel": n_novel,
+        "n_all": n_all,
+        "num_base_classes": len(base),
+        "num_novel_classes": len(novel),
+    }
+
+
+EVALUATION_COLUMNS: tuple[str, ...] = ("model", "base", "novel", "HM", "all")
+
+
+def evaluation_table(results: list[dict[str, Any]]) -> str:
+    """A Markdown table (model, base, novel, HM, all) of :func:`evaluate_base_novel` results."""
+    rows = [
+        {"model": r["model"], "base": r["base"], "novel": r["novel"], "HM": r["hm"], "all": r["all"]}
+        for r in results
+    ]
+    return markdown_table(rows, EVALUATION_COLUMNS)

@@ -40,7 +40,7 @@ from kdprompt.errors import KdpromptError
 from kdprompt.io import atomic_path
 
 # Bump whenever rendering, captions or the layout change: it is part of every world's hash.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 35, 35),
@@ -72,6 +72,9 @@ class Style:
             shape stays inside the image).
         rotation: max absolute rotation in degrees (uniform in [-rotation, rotation]).
         hue_jitter: max absolute hue shift of the shape colour, in turns (1.0 = full circle).
+        hue_shift: a systematic hue rotation of every shape colour, in turns: a colour cast that keeps
+            colours distinguishable but moves them away from their names (the downstream shift that
+            zero-shot CLIP stumbles on and prompt learning can learn to undo).
         brightness_range: (min, max) multiplier of the shape colour's HSV value.
         saturation_range: (min, max) multiplier of the shape colour's saturation.
         shading: amplitude of a linear light gradient across the shape (0 = flat fill).
@@ -88,6 +91,7 @@ class Style:
     position_jitter: float
     rotation: float
     hue_jitter: float
+    hue_shift: float
     brightness_range: tuple[float, float]
     saturation_range: tuple[float, float]
     shading: float
@@ -100,34 +104,36 @@ class Style:
 
 
 PRETRAIN_STYLE = Style(
-    size_range=(0.5, 0.8),
-    position_jitter=0.12,
-    rotation=30.0,
+    size_range=(0.4, 0.85),
+    position_jitter=0.2,
+    rotation=180.0,
     hue_jitter=0.01,
-    brightness_range=(0.9, 1.0),
-    saturation_range=(0.95, 1.0),
-    shading=0.05,
-    background_value=(0.10, 0.30),
-    background_saturation=0.08,
-    background_patterns=("plain", "gradient"),
-    texture_strength=0.3,
-    clutter=0,
-    noise=3.0,
+    hue_shift=0.0,
+    brightness_range=(0.85, 1.0),
+    saturation_range=(0.9, 1.0),
+    shading=0.1,
+    background_value=(0.10, 0.40),
+    background_saturation=0.25,
+    background_patterns=BACKGROUND_PATTERNS,
+    texture_strength=0.4,
+    clutter=1,
+    noise=6.0,
 )
 DOWNSTREAM_STYLE = Style(
-    size_range=(0.35, 0.95),
+    size_range=(0.35, 0.9),
     position_jitter=0.25,
     rotation=180.0,
-    hue_jitter=0.025,
-    brightness_range=(0.7, 1.05),
-    saturation_range=(0.75, 1.0),
-    shading=0.3,
-    background_value=(0.15, 0.65),
-    background_saturation=0.5,
+    hue_jitter=0.015,
+    hue_shift=0.055,
+    brightness_range=(0.75, 1.0),
+    saturation_range=(0.8, 1.0),
+    shading=0.25,
+    background_value=(0.15, 0.55),
+    background_saturation=0.4,
     background_patterns=BACKGROUND_PATTERNS,
-    texture_strength=0.8,
-    clutter=3,
-    noise=14.0,
+    texture_strength=0.6,
+    clutter=2,
+    noise=10.0,
 )
 STYLES: dict[str, Style] = {"pretrain": PRETRAIN_STYLE, "downstream": DOWNSTREAM_STYLE}
 
@@ -322,7 +328,7 @@ def _render(label: int, style: Style, rng: np.random.Generator, size: int) -> tu
 
     h, sat, val = colorsys.rgb_to_hsv(*(v / 255 for v in COLOURS[_COLOUR_NAMES[c]]))
     fg = _hsv(
-        h + rng.uniform(-style.hue_jitter, style.hue_jitter),
+        h + style.hue_shift + rng.uniform(-style.hue_jitter, style.hue_jitter),
         sat * rng.uniform(*style.saturation_range),
         val * rng.uniform(*style.brightness_range),
     )

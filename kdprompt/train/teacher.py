@@ -253,7 +253,6 @@ def _finish(recipe: TeacherRecipe, core: PromptedClip, run_dir: Path, classnames
             all_classnames: list[str], train: Split, selected: str, steps: int) -> None:
     """Write the artefact, the cache of all classes, the evaluation and the curves (main process)."""
     from kdprompt.cache import build_cache
-    from kdprompt.evaluate import ZeroShotClassifier, evaluate_base_novel, evaluation_table
 
     core.eval()
     fingerprint = save_teacher(
@@ -271,6 +270,8 @@ def _finish(recipe: TeacherRecipe, core: PromptedClip, run_dir: Path, classnames
     results: dict[str, Any] = {"fingerprint": fingerprint, "selection": selected, "steps": steps,
                                "cache": str(cache_dir)}
     if recipe.evaluate:
+        from kdprompt.evaluate import ZeroShotClassifier, evaluate_base_novel, evaluation_table
+
         test = load_split(recipe.data, "test")
         zero_shot = ZeroShotClassifier(
             create_clip(recipe.model), templates="simple", name=f"zero-shot {recipe.model.name}"
