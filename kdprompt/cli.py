@@ -2,32 +2,16 @@
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Any
 
 import click
 
 from kdprompt import __version__
+from kdprompt.cli_common import echo_main, user_errors
 from kdprompt.errors import KdpromptError
 
 OVERRIDES_HELP = "Recipe overrides as key.sub=value (YAML values), applied after the recipe file."
-
-
-def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Print a :class:`KdpromptError` as one message and exit 2, instead of a traceback."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except KdpromptError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -54,7 +38,7 @@ def main() -> None:
 
 @main.group(invoke_without_command=True)
 @click.pass_context
-@_user_errors
+@user_errors
 def recipes(ctx: click.Context) -> None:
     """List the built-in recipes (name, command, description)."""
     if ctx.invoked_subcommand is not None:
@@ -77,7 +61,7 @@ def recipes(ctx: click.Context) -> None:
 
 @recipes.command("show")
 @click.argument("name")
-@_user_errors
+@user_errors
 def recipes_show(name: str) -> None:
     """Print the recipe NAME (a built-in name or a path) as written."""
     from kdprompt.config import find_recipe
@@ -92,7 +76,7 @@ def recipes_show(name: str) -> None:
 @click.argument("recipe")
 @click.argument("overrides", nargs=-1)
 @click.option("--dry-run", is_flag=True, help="Print the resolved recipe and exit.")
-@_user_errors
+@user_errors
 def pretrain(recipe: str, overrides: tuple[str, ...], dry_run: bool) -> None:
     """Contrastive CLIP pre-training of any open_clip model on image-text data.
 
@@ -109,7 +93,7 @@ def pretrain(recipe: str, overrides: tuple[str, ...], dry_run: bool) -> None:
     from kdprompt.train.pretrain import run_pretrain
 
     run_dir = run_pretrain(resolved)
-    _echo_main(f"done: {run_dir}")
+    echo_main(f"done: {run_dir}")
 
 
 # ------------------------------------------------------------------------------------------ teacher
@@ -119,7 +103,7 @@ def pretrain(recipe: str, overrides: tuple[str, ...], dry_run: bool) -> None:
 @click.argument("recipe")
 @click.argument("overrides", nargs=-1)
 @click.option("--dry-run", is_flag=True, help="Print the resolved recipe and exit.")
-@_user_errors
+@user_errors
 def teacher(recipe: str, overrides: tuple[str, ...], dry_run: bool) -> None:
     """Train a prompt-learned teacher (PromptSRC or MaPLe) on few-shot labelled base classes.
 
@@ -137,7 +121,7 @@ def teacher(recipe: str, overrides: tuple[str, ...], dry_run: bool) -> None:
     from kdprompt.train.teacher import run_teacher
 
     run_dir = run_teacher(resolved)
-    _echo_main(f"done: {run_dir}")
+    echo_main(f"done: {run_dir}")
 
 
 # -------------------------------------------------------------------------------------------- cache
@@ -150,7 +134,7 @@ def teacher(recipe: str, overrides: tuple[str, ...], dry_run: bool) -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Cache directory to write (default: cache/<teacher run name>-<classes file stem>).")
 @click.option("--device", default="cpu", show_default=True, help="Device to encode the class names on.")
-@_user_errors
+@user_errors
 def cache(teacher_dir: Path, classes_file: Path, out: Path | None, device: str) -> None:
     """Build a text-feature cache for any class list from a trained TEACHER, without retraining.
 
@@ -172,14 +156,6 @@ def cache(teacher_dir: Path, classes_file: Path, out: Path | None, device: str) 
                 logit_scale=float(model.logit_scale),
                 provenance={"teacher": str(teacher_dir), "classes_file": str(classes_file)})
     click.echo(f"cache of {len(classnames)} classes written to {out}")
-
-
-def _echo_main(text: str) -> None:
-    """Echo on the main process only (commands may run under accelerate launch)."""
-    import os
-
-    if os.environ.get("RANK", "0") == "0":
-        click.echo(text)
 
 
 # ------------------------------------------------------------------------------------------- shards
@@ -207,7 +183,7 @@ def _echo_main(text: str) -> None:
 )
 @click.option("--maxcount", type=int, default=1000, show_default=True, help="Samples per shard.")
 @click.option("--overwrite", is_flag=True, help="Replace existing shards of the same split in OUT.")
-@_user_errors
+@user_errors
 def shards(
     src: str,
     out: Path,
@@ -290,12 +266,13 @@ def _data_config(src: str, overrides: tuple[str, ...]) -> Any:
     help="Where the synthetic world, shards and pre-trained tiny CLIPs are kept.",
 )
 @click.option("--quick", is_flag=True, help="A much shorter run (smoke test), not for the reported figures.")
-@_user_errors
+@user_errors
 def demo(out: Path, cache_dir: Path, quick: bool) -> None:
     """Run the pipeline on the embedded default (synthetic world, tiny CLIPs), offline.
 
     Materialises the synthetic world, pre-trains the tiny teacher-size and student-size CLIPs (reused
-    from the cache dir when already there) and prints their zero-shot accuracy on both domains.
+    from the cache dir when already there), trains the PromptSRC and MaPLe teachers on 16-shot base
+    classes (caching their class text features), and prints zero-shot and base / novel / HM tables.
     """
     from kdprompt.demo import run_demo
 

@@ -6,31 +6,15 @@ at module import time; what it needs from the CLI module is imported inside the 
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Any
 
 import click
 
+from kdprompt.cli_common import user_errors
 from kdprompt.errors import KdpromptError
 
 DEFAULT_OUT = Path("runs/eval")
-
-
-def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Print a :class:`KdpromptError` as one message and exit 2 (as the other commands do)."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except KdpromptError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-
-    return wrapper
 
 
 def parse_zero_shot(text: str) -> tuple[str, str | None]:
@@ -136,7 +120,7 @@ def _resolve_data(data_src: str | None, overrides: tuple[str, ...], teachers: li
 @click.option(
     "--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, or auto (cuda when available)."
 )
-@_user_errors
+@user_errors
 def eval_command(
     overrides: tuple[str, ...],
     zero_shot: tuple[str, ...],

@@ -38,3 +38,14 @@ def cli():
         return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
 
     return invoke
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_weights(tmp_path_factory) -> str:
+    """A randomly initialised kd-tiny-teacher saved as a weights file (stands in for pre-trained weights)."""
+    from kdprompt.models import ModelSpec, create_clip, save_clip_weights
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "kd-tiny-teacher-random.safetensors"
+    save_clip_weights(create_clip(ModelSpec(name="kd-tiny-teacher")).model, path)
+    return str(path)

@@ -13,14 +13,19 @@ def test_quick_demo_runs_and_reuses_pretrained_models(cli, tmp_path):
     out, cache = tmp_path / "runs", tmp_path / "cache"
     first = cli("demo", "--quick", "--out", out, "--cache-dir", cache)
     assert first.exit_code == 0, first.output
-    rows = json.loads((out / "demo-quick" / "summary.json").read_text())
+    summary = json.loads((out / "demo-quick" / "summary.json").read_text())
+    rows = summary["pretrain"]
     assert [r["model"].split(" (")[0] for r in rows] == ["zero-shot teacher", "zero-shot student"]
     for row in rows:
         assert 0 <= row["pretrain domain"] <= 100 and 0 <= row["downstream"] <= 100
+    b2n = summary["base_to_novel"]
+    assert [r["model"].split(" (")[0] for r in b2n] == ["zero-shot teacher", "promptsrc teacher", "maple teacher"]
+    assert all(0 <= r["hm"] <= 100 for r in b2n)
     assert (cache / "pretrained" / "kd-tiny-teacher-synthetic-quick.safetensors").is_file()
     assert "| model |" in (out / "demo-quick" / "summary.md").read_text()
+    assert (cache / "demo-quick-teacher-promptsrc" / "manifest.json").is_file()
 
     second = cli("demo", "--quick", "--out", out, "--cache-dir", cache)
     assert second.exit_code == 0, second.output
     assert second.output.count("reusing") == 2
-    assert json.loads((out / "demo-quick" / "summary.json").read_text()) == rows
+    assert json.loads((out / "demo-quick" / "summary.json").read_text())["pretrain"] == rows

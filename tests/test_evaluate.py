@@ -232,3 +232,9 @@ def test_cli_unknown_model(tmp_path, world_root):
     result = invoke("--zero-shot", "no-such-model", "--data", "synthetic", *world_overrides(world_root))
     assert result.exit_code == 2
     assert "unknown model 'no-such-model'" in result.output
+
+
+def test_registered_as_kdprompt_eval(cli):
+    result = cli("eval", "--help")
+    assert result.exit_code == 0
+    assert "--zero-shot MODEL[@PRETRAINED]" in result.output and "Examples:" in result.output

@@ -72,12 +72,22 @@ def test_gaussian_weights():
     assert gaussian_epoch_weights(3, 100, 1) == [0.0, 0.0, 1.0]
 
 
-def teacher_args(tmp_path: Path, world_root: str, name: str, method: str = "promptsrc") -> list[str]:
+@pytest.fixture()
+def teacher_args(tmp_path, world_root, tiny_teacher_weights):
+    """Overrides shrinking a demo teacher recipe to seconds: ``teacher_args(name, method)``."""
+
+    def make(name: str, method: str = "promptsrc") -> list[str]:
+        return _teacher_args(tmp_path, world_root, tiny_teacher_weights, name, method)
+
+    return make
+
+
+def _teacher_args(tmp_path: Path, world_root: str, weights: str, name: str, method: str) -> list[str]:
     world = [f"root={world_root}", "train_per_class=4", "test_per_class=2", "val_per_class=1"]
     args = [
         f"name={name}",
         f"output_dir={tmp_path / 'runs'}",
-        "model.pretrained=null",
+        f"model.pretrained={weights}",
         *[f"data.{kv}" for kv in world],
         "fewshot.shots=2",
         "train.batch_size=8",
@@ -94,8 +104,8 @@ def teacher_args(tmp_path: Path, world_root: str, name: str, method: str = "prom
 
 
 @pytest.mark.slow
-def test_promptsrc_teacher_cli_gpa_cache_and_eval(cli, tmp_path, world_root):
-    result = cli("teacher", "demo/teacher-promptsrc", *teacher_args(tmp_path, world_root, "src"))
+def test_promptsrc_teacher_cli_gpa_cache_and_eval(cli, tmp_path, teacher_args):
+    result = cli("teacher", "demo/teacher-promptsrc", *teacher_args("src"))
     assert result.exit_code == 0, result.output
     run = tmp_path / "runs" / "src" / "teacher"
     meta = json.loads((run / "teacher.json").read_text())
@@ -127,8 +137,8 @@ def test_promptsrc_teacher_cli_gpa_cache_and_eval(cli, tmp_path, world_root):
 
 
 @pytest.mark.slow
-def test_maple_teacher_cli_and_new_class_cache(cli, tmp_path, world_root):
-    result = cli("teacher", "demo/teacher-maple", *teacher_args(tmp_path, world_root, "maple", "maple"))
+def test_maple_teacher_cli_and_new_class_cache(cli, tmp_path, teacher_args):
+    result = cli("teacher", "demo/teacher-maple", *teacher_args("maple", "maple"))
     assert result.exit_code == 0, result.output
     run = tmp_path / "runs" / "maple" / "teacher"
     assert json.loads((run / "teacher.json").read_text())["selection"] == "last"
@@ -146,7 +156,7 @@ def test_maple_teacher_cli_and_new_class_cache(cli, tmp_path, world_root):
     torch.testing.assert_close(cache.features, direct, rtol=0, atol=1e-5)
 
     # A cache built for one teacher is refused for another.
-    other = cli("teacher", "demo/teacher-maple", *teacher_args(tmp_path, world_root, "maple2", "maple"), "seed=5")
+    other = cli("teacher", "demo/teacher-maple", *teacher_args("maple2", "maple"), "seed=5")
     assert other.exit_code == 0, other.output
     other_fp = load_teacher(tmp_path / "runs" / "maple2" / "teacher").fingerprint
     with pytest.raises(KdpromptError) as err:
@@ -155,10 +165,10 @@ def test_maple_teacher_cli_and_new_class_cache(cli, tmp_path, world_root):
 
 
 @pytest.mark.slow
-def test_teacher_resume_matches_uninterrupted_run(cli, tmp_path, world_root):
-    full = cli("teacher", "demo/teacher-promptsrc", *teacher_args(tmp_path, world_root, "full"), "evaluate=false")
+def test_teacher_resume_matches_uninterrupted_run(cli, tmp_path, teacher_args):
+    full = cli("teacher", "demo/teacher-promptsrc", *teacher_args("full"), "evaluate=false")
     assert full.exit_code == 0, full.output
-    part_args = [*teacher_args(tmp_path, world_root, "part"), "evaluate=false"]
+    part_args = [*teacher_args("part"), "evaluate=false"]
     first = cli("teacher", "demo/teacher-promptsrc", *part_args, "train.stop_after_steps=4")  # mid-epoch 2
     assert first.exit_code == 0, first.output
     assert not (tmp_path / "runs" / "part" / "teacher" / "prompts.safetensors").exists()
@@ -173,3 +183,8 @@ def test_teacher_resume_matches_uninterrupted_run(cli, tmp_path, world_root):
 def test_load_teacher_errors(tmp_path):
     with pytest.raises(KdpromptError, match=r"teacher\.json is missing"):
         load_teacher(tmp_path)
+
+
+def test_teacher_needs_base_weights(cli, tmp_path, teacher_args):
+    result = cli("teacher", "demo/teacher-promptsrc", *teacher_args("nw"), "model.pretrained=null")
+    assert result.exit_code == 2 and "model.pretrained is not set" in result.output

@@ -90,6 +90,11 @@ def _val_accuracy(model: PromptedClip, split: Split, device: torch.device) -> fl
 
 def run_teacher(recipe: TeacherRecipe) -> Path:
     """Train the teacher, write its artefact and text-feature cache, and evaluate; returns the run dir."""
+    if not recipe.model.pretrained:
+        raise KdpromptError(
+            "model.pretrained is not set: a teacher needs base weights that can be loaded again "
+            "(an open_clip tag such as `openai`, or a weights file); a random initialisation cannot be rebuilt"
+        )
     run_dir = run_dir_of(recipe)
     cfg, method = recipe.train, recipe.method
     accelerator = make_accelerator(run_dir, cfg.mixed_precision)

@@ -1,0 +1,33 @@
+"""Helpers shared by the command modules (kept apart from cli.py so command modules avoid import cycles)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+import click
+
+from kdprompt.errors import KdpromptError
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Print a :class:`KdpromptError` as one message and exit 2, instead of a traceback."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except KdpromptError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def echo_main(text: str) -> None:
+    """Echo on the main process only (commands may run under ``accelerate launch``)."""
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(text)
