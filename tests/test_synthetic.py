@@ -188,8 +188,14 @@ def test_downstream_is_more_varied_than_pretrain():
         ]
         stats[domain] = (np.mean([_high_freq(x) for x in imgs]), np.mean([_border_std(x) for x in imgs]))
     (hf_pre, bg_pre), (hf_down, bg_down) = stats["pretrain"], stats["downstream"]
-    assert hf_down > 2 * hf_pre
-    assert bg_down > 2 * bg_pre
+    assert hf_down > 1.2 * hf_pre
+    assert bg_down > 1.2 * bg_pre
+
+
+def test_downstream_colours_are_cast_away_from_their_names():
+    # The systematic hue shift is what zero-shot CLIP stumbles on and prompt learning undoes.
+    assert syn.STYLES["pretrain"].hue_shift == 0
+    assert 0.03 < syn.STYLES["downstream"].hue_shift < 0.1
 
 
 def test_unknown_split_lists_the_available_ones(tmp_path):
