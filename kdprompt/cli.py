@@ -129,10 +129,19 @@ def teacher(recipe: str, overrides: tuple[str, ...], dry_run: bool) -> None:
 
 @main.command()
 @click.argument("teacher_dir", metavar="TEACHER", type=click.Path(path_type=Path))
-@click.option("--classes", "classes_file", required=True, type=click.Path(path_type=Path),
-              help="Class names: a text file (one per line) or a JSON list.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Cache directory to write (default: cache/<teacher run name>-<classes file stem>).")
+@click.option(
+    "--classes",
+    "classes_file",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Class names: a text file (one per line) or a JSON list.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Cache directory to write (default: cache/<teacher run name>-<classes file stem>).",
+)
 @click.option("--device", default="cpu", show_default=True, help="Device to encode the class names on.")
 @user_errors
 def cache(teacher_dir: Path, classes_file: Path, out: Path | None, device: str) -> None:
@@ -152,9 +161,14 @@ def cache(teacher_dir: Path, classes_file: Path, out: Path | None, device: str) 
     with torch.no_grad():
         features = model.class_features(classnames).float().cpu()
     out = out or Path("cache") / f"{Path(teacher_dir).resolve().parent.name}-{classes_file.stem}"
-    build_cache(features, classnames, out, teacher_fingerprint=model.fingerprint,
-                logit_scale=float(model.logit_scale),
-                provenance={"teacher": str(teacher_dir), "classes_file": str(classes_file)})
+    build_cache(
+        features,
+        classnames,
+        out,
+        teacher_fingerprint=model.fingerprint,
+        logit_scale=float(model.logit_scale),
+        provenance={"teacher": str(teacher_dir), "classes_file": str(classes_file)},
+    )
     click.echo(f"cache of {len(classnames)} classes written to {out}")
 
 

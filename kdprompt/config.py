@@ -116,7 +116,9 @@ class PromptSRCMethod(StrictModel):
     vision_depth: int = Field(default=9, ge=1, description="blocks receiving vision prompts (1 = input only)")
     ctx_init: str | None = Field(default="a photo of a", description="phrase initialising the text context")
     ce_weight: float = Field(default=1.0, ge=0)
-    text_loss_weight: float = Field(default=25.0, ge=0, description="L1 to frozen template-ensemble text features")
+    text_loss_weight: float = Field(
+        default=25.0, ge=0, description="L1 to frozen template-ensemble text features"
+    )
     image_loss_weight: float = Field(default=10.0, ge=0, description="L1 to frozen image features")
     kl_weight: float = Field(default=1.0, ge=0, description="KL(zero-shot || prompted) logits")
     templates: Literal["simple", "ensemble"] = Field(
@@ -130,7 +132,9 @@ class MaPLeMethod(StrictModel):
 
     name: Literal["maple"] = "maple"
     n_ctx: int = Field(default=2, ge=1)
-    depth: int = Field(default=9, ge=1, description="blocks receiving prompts in both towers (1 = input only)")
+    depth: int = Field(
+        default=9, ge=1, description="blocks receiving prompts in both towers (1 = input only)"
+    )
     ctx_init: str | None = Field(default="a photo", description="phrase initialising the text context")
 
 
@@ -141,7 +145,9 @@ class FewShotConfig(StrictModel):
     """The CoOp protocol: K labelled images per class of the chosen classes."""
 
     shots: int | None = Field(default=16, ge=1, description="images per class (None: all)")
-    classes: Literal["base", "all"] = Field(default="base", description="train on the base half or all classes")
+    classes: Literal["base", "all"] = Field(
+        default="base", description="train on the base half or all classes"
+    )
 
 
 class TeacherTrainConfig(StrictModel):
@@ -151,7 +157,8 @@ class TeacherTrainConfig(StrictModel):
     epochs: int = Field(default=20, ge=1)
     max_steps: int | None = Field(default=None, ge=1)
     stop_after_steps: int | None = Field(
-        default=None, ge=1,
+        default=None,
+        ge=1,
         description="end this invocation after N more steps (checkpointed), e.g. to fit a job slot; rerun to continue",
     )
     lr: float = Field(default=0.0025, gt=0)
@@ -183,7 +190,9 @@ class TeacherRecipe(StrictModel):
         default="last",
         description="last: the final (GPA-aggregated) prompts; val: the epoch best on the val split (never test)",
     )
-    cache_dir: Path | None = Field(default=None, description="where the text-feature cache goes (default cache/<name>)")
+    cache_dir: Path | None = Field(
+        default=None, description="where the text-feature cache goes (default cache/<name>)"
+    )
     evaluate: bool = Field(default=True, description="report base/novel/HM on the test split at the end")
 
 
@@ -415,6 +424,51 @@ def load_recipe(model: type[R], name_or_path: str, overrides: list[str] | tuple[
             f"run `kdprompt {kind} {name_or_path}` instead"
         )
     return validate_recipe(model, data, origin=str(path))
+
+
+# Fields that do not change what a run computes: where it writes, how it logs, how it is scheduled.
+_NON_SEMANTIC = {
+    "name",
+    "description",
+    "output_dir",
+    "resume",
+    "eval",
+    "export",
+    "evaluate",
+    "cache_dir",
+    "shards_dir",
+    "checkpoint",
+    "stop_after_steps",
+    "log_every",
+    "num_workers",
+}
+
+
+def _semantic(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _semantic(v) for k, v in node.items() if k not in _NON_SEMANTIC}
+    if isinstance(node, list):
+        return [_semantic(v) for v in node]
+    return node
+
+
+def recipe_fingerprint(recipe: BaseModel) -> str:
+    """A digest of what determines a run's result (model, data, method, optimisation, seed).
+
+    Synthetic data contributes its world's directory name, which hashes the generator version and
+    style, so a changed generator never passes for the same data.
+    """
+    import hashlib
+    import json
+
+    data = _semantic(recipe.model_dump(mode="json"))
+    source = getattr(recipe, "data", None)
+    if getattr(source, "source", None) == "synthetic":
+        from kdprompt.data.synthetic import world_dir
+
+        data["world"] = world_dir(source).name
+        data["data"].pop("root", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def dump_recipe(recipe: BaseModel) -> str:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import click
 
-from kdprompt.config import PretrainRecipe, TeacherRecipe, dump_recipe, load_recipe
+from kdprompt.config import PretrainRecipe, TeacherRecipe, dump_recipe, load_recipe, recipe_fingerprint
 from kdprompt.evaluate import markdown_table
 from kdprompt.io import write_json_atomic, write_text_atomic
 
@@ -31,26 +30,13 @@ QUICK_TEACHER_OVERRIDES = [
 ]
 
 
-def recipe_digest(recipe: PretrainRecipe) -> str:
-    """A digest of everything that determines a pre-trained model (not where it is written)."""
-    data = recipe.model_dump(mode="json")
-    for volatile in ("output_dir", "export", "resume", "eval", "description"):
-        data.pop(volatile, None)
-    if recipe.data.source == "synthetic":
-        # The world's directory name hashes the generator version and style: a new generator retrains.
-        from kdprompt.data.synthetic import world_dir
-
-        data["world"] = world_dir(recipe.data).name
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def pretrained_or_train(recipe: PretrainRecipe) -> dict:
     """Reuse the exported weights when their provenance matches ``recipe``, else pre-train now."""
     from kdprompt.train.pretrain import run_dir_of, run_pretrain
 
     assert recipe.export is not None
     provenance = recipe.export.with_suffix(".json")
-    digest = recipe_digest(recipe)
+    digest = recipe_fingerprint(recipe)
     if recipe.export.is_file() and provenance.is_file():
         info = json.loads(provenance.read_text(encoding="utf-8"))
         if info.get("recipe_digest") == digest:
@@ -70,7 +56,9 @@ def pretrained_or_train(recipe: PretrainRecipe) -> dict:
     return metrics
 
 
-def _pretrain_stage(out: Path, cache_dir: Path, quick: bool, demo_dir: Path) -> tuple[list[dict], dict[str, Path]]:
+def _pretrain_stage(
+    out: Path, cache_dir: Path, quick: bool, demo_dir: Path
+) -> tuple[list[dict], dict[str, Path]]:
     """Pre-train (or reuse) the tiny teacher-size and student-size CLIPs; rows of their zero-shot accuracy."""
     rows, exports = [], {}
     suffix = "-quick" if quick else ""
@@ -133,7 +121,9 @@ def run_demo(out: Path, cache_dir: Path, quick: bool = False) -> Path:
     demo_dir = Path(out) / ("demo-quick" if quick else "demo")
     pretrain_rows, exports = _pretrain_stage(out, cache_dir, quick, demo_dir)
     teacher_rows = _teacher_stage(out, cache_dir, quick, demo_dir, exports["teacher"])
-    pretrain_table = markdown_table(pretrain_rows, ["model", "pretrain domain", "downstream", "pretrain steps"])
+    pretrain_table = markdown_table(
+        pretrain_rows, ["model", "pretrain domain", "downstream", "pretrain steps"]
+    )
     teacher_table = markdown_table(teacher_rows, ["model", "base", "novel", "hm", "all"])
     text = (
         "## Zero-shot top-1 (%) of the pre-trained tiny CLIPs (test splits)\n\n"

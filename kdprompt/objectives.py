@@ -59,7 +59,10 @@ def promptsrc_losses(
 
 def gaussian_epoch_weights(epochs: int, mean: float, std: float) -> list[float]:
     """PromptSRC's aggregation weights: a Gaussian pdf at epochs 1..E, normalised to sum to 1."""
-    pdf = [math.exp(-((e - mean) ** 2) / (2 * std**2)) / (std * math.sqrt(2 * math.pi)) for e in range(1, epochs + 1)]
+    pdf = [
+        math.exp(-((e - mean) ** 2) / (2 * std**2)) / (std * math.sqrt(2 * math.pi))
+        for e in range(1, epochs + 1)
+    ]
     total = sum(pdf)
     if total <= 0 or not math.isfinite(total):
         # Every epoch is many std away from the mean: fall back to the last epoch alone.
@@ -68,7 +71,9 @@ def gaussian_epoch_weights(epochs: int, mean: float, std: float) -> list[float]:
 
 
 @torch.no_grad()
-def accumulate_gpa(aggregate: dict[str, Tensor] | None, state: dict[str, Tensor], weight: float) -> dict[str, Tensor]:
+def accumulate_gpa(
+    aggregate: dict[str, Tensor] | None, state: dict[str, Tensor], weight: float
+) -> dict[str, Tensor]:
     """``aggregate + weight * state`` over a state dict (starting from nothing)."""
     scaled = {k: v.detach().float().cpu() * weight for k, v in state.items()}
     if aggregate is None:

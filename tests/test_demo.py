@@ -19,7 +19,11 @@ def test_quick_demo_runs_and_reuses_pretrained_models(cli, tmp_path):
     for row in rows:
         assert 0 <= row["pretrain domain"] <= 100 and 0 <= row["downstream"] <= 100
     b2n = summary["base_to_novel"]
-    assert [r["model"].split(" (")[0] for r in b2n] == ["zero-shot teacher", "promptsrc teacher", "maple teacher"]
+    assert [r["model"].split(" (")[0] for r in b2n] == [
+        "zero-shot teacher",
+        "promptsrc teacher",
+        "maple teacher",
+    ]
     assert all(0 <= r["hm"] <= 100 for r in b2n)
     assert (cache / "pretrained" / "kd-tiny-teacher-synthetic-quick.safetensors").is_file()
     assert "| model |" in (out / "demo-quick" / "summary.md").read_text()

@@ -27,7 +27,9 @@ def test_promptsrc_init_equals_frozen_text_features():
     model = PromptedClip(clip, PromptSRCMethod(text_depth=1, vision_depth=2), name="t")
     with torch.no_grad():
         prompted = model.class_features(CLASSES)
-        frozen = F.normalize(clip.model.encode_text(clip.tokenizer([f"a photo of a {c}." for c in CLASSES])), dim=-1)
+        frozen = F.normalize(
+            clip.model.encode_text(clip.tokenizer([f"a photo of a {c}." for c in CLASSES])), dim=-1
+        )
     assert (prompted - frozen).abs().max().item() <= 1e-6
 
 
@@ -62,7 +64,9 @@ def test_prompt_depth_beyond_the_model_names_the_field():
     clip = create_clip(ModelSpec(name="kd-tiny-teacher"))
     with pytest.raises(KdpromptError, match=r"method.vision_depth is 9, but the tower has 4 blocks"):
         PromptedClip(clip, PromptSRCMethod(text_depth=2, vision_depth=9), name="t")
-    with pytest.raises(KdpromptError, match="ctx_init 'a photo of a' is 4 tokens but the context length is 2"):
+    with pytest.raises(
+        KdpromptError, match="ctx_init 'a photo of a' is 4 tokens but the context length is 2"
+    ):
         PromptedClip(clip, PromptSRCMethod(n_ctx_text=2, text_depth=2, vision_depth=2), name="t")
 
 
@@ -149,8 +153,11 @@ def test_maple_teacher_cli_and_new_class_cache(cli, tmp_path, teacher_args):
     made = cli("cache", run, "--classes", classes, "--out", out)
     assert made.exit_code == 0, made.output
     teacher = load_teacher(run)
-    cache = load_cache(out, expect_fingerprint=teacher.fingerprint,
-                       expect_classnames=["white hexagon", "black moon", "orange arrow"])
+    cache = load_cache(
+        out,
+        expect_fingerprint=teacher.fingerprint,
+        expect_classnames=["white hexagon", "black moon", "orange arrow"],
+    )
     with torch.no_grad():
         direct = teacher.class_features(cache.classnames)
     torch.testing.assert_close(cache.features, direct, rtol=0, atol=1e-5)
@@ -188,3 +195,73 @@ def test_load_teacher_errors(tmp_path):
 def test_teacher_needs_base_weights(cli, tmp_path, teacher_args):
     result = cli("teacher", "demo/teacher-promptsrc", *teacher_args("nw"), "model.pretrained=null")
     assert result.exit_code == 2 and "model.pretrained is not set" in result.output
+
+
+@pytest.mark.slow
+def test_eval_cli_reports_a_teacher_like_its_run(cli, tmp_path, teacher_args):
+    assert cli("teacher", "demo/teacher-maple", *teacher_args("ev", "maple")).exit_code == 0
+    run = tmp_path / "runs" / "ev" / "teacher"
+    out = tmp_path / "eval"
+    result = cli("eval", "--teacher", run, "--out", out, "--device", "cpu")  # data from teacher.json
+    assert result.exit_code == 0, result.output
+    assert "| model |" in result.output
+    rows = json.loads((out / "metrics.json").read_text())
+    own = json.loads((run / "metrics.json").read_text())["eval"][1]
+    for key in ("base", "novel", "all", "hm"):
+        assert rows[0][key] == pytest.approx(own[key], abs=1e-6)
+
+
+@pytest.mark.dist
+def test_two_process_teacher_run(tmp_path, world_root, tiny_teacher_weights):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+        "-m",
+        "kdprompt",
+        "teacher",
+        "demo/teacher-promptsrc",
+        *_teacher_args(tmp_path, world_root, tiny_teacher_weights, "dist", "promptsrc"),
+        "train.epochs=2",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = tmp_path / "runs" / "dist" / "teacher"
+    meta = json.loads((run / "teacher.json").read_text())
+    # 24 base classes x 2 shots = 48 images, batch 8 per process over 2 processes: 3 steps per epoch.
+    assert meta["steps"] == 6
+    load_cache(tmp_path / "cache" / "dist", expect_fingerprint=meta["fingerprint"])
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_checkpoint_of_another_recipe(cli, tmp_path, teacher_args):
+    first = cli("teacher", "demo/teacher-promptsrc", *teacher_args("same"), "train.stop_after_steps=1")
+    assert first.exit_code == 0, first.output
+    changed = cli("teacher", "demo/teacher-promptsrc", *teacher_args("same"), "seed=9")
+    assert changed.exit_code == 2
+    assert "written by a different recipe" in changed.output and "resume=never" in changed.output
+    fresh = cli(
+        "teacher",
+        "demo/teacher-promptsrc",
+        *teacher_args("same"),
+        "seed=9",
+        "resume=never",
+        "train.stop_after_steps=1",
+    )
+    assert fresh.exit_code == 0, fresh.output

@@ -112,10 +112,14 @@ class CoupledPrompts(PromptLearner):
         super().__init__()
         layers = min(text_tower.num_layers, vision_tower.num_layers)
         _check_depth(cfg.depth, layers, "method.depth")
-        ctx, self.prefix = phrase_context(cfg.ctx_init, cfg.n_ctx, clip.tokenizer, clip.model.token_embedding, "method")
+        ctx, self.prefix = phrase_context(
+            cfg.ctx_init, cfg.n_ctx, clip.tokenizer, clip.model.token_embedding, "method"
+        )
         self.ctx = nn.Parameter(ctx)
         self.deep_text = _deep(cfg.n_ctx, cfg.depth - 1, text_tower.width)
-        self.couplings = nn.ModuleList(nn.Linear(text_tower.width, vision_tower.width) for _ in range(cfg.depth))
+        self.couplings = nn.ModuleList(
+            nn.Linear(text_tower.width, vision_tower.width) for _ in range(cfg.depth)
+        )
 
     def text_prompts(self) -> list[Tensor | None]:
         return [self.ctx, *self.deep_text]

@@ -76,7 +76,9 @@ class PromptedClip(nn.Module):
         self.train_transform = clip.preprocess_train
         self.text_tower = PromptedTextTower(clip.model, clip.spec.name)
         self.vision_tower = PromptedVisionTower(clip.model, clip.spec.name)
-        self.learner = PROMPT_METHODS.get(method_cfg.name)(method_cfg, clip, self.text_tower, self.vision_tower)
+        self.learner = PROMPT_METHODS.get(method_cfg.name)(
+            method_cfg, clip, self.text_tower, self.vision_tower
+        )
         self._tokens: dict[tuple[str, ...], Tensor] = {}
 
     def train(self, mode: bool = True) -> PromptedClip:
@@ -136,7 +138,12 @@ class Teacher(PromptedClip):
 
 
 def save_teacher(
-    out_dir: Path, model: PromptedClip, *, classnames: list[str], all_classnames: list[str], extra: dict[str, Any]
+    out_dir: Path,
+    model: PromptedClip,
+    *,
+    classnames: list[str],
+    all_classnames: list[str],
+    extra: dict[str, Any],
 ) -> str:
     """Write ``prompts.safetensors`` then ``teacher.json`` (atomically); returns the fingerprint."""
     out_dir = Path(out_dir)
@@ -198,7 +205,9 @@ def load_teacher(path: Path, device: str | torch.device = "cpu") -> Teacher:
     teacher = Teacher(create_clip(spec, device=device), method_cfg, name=f"teacher {path.parent.name}")
     missing, unexpected = teacher.learner.load_state_dict(load_file(str(prompts)), strict=False)
     if missing or unexpected:
-        raise KdpromptError(f"teacher {path}: prompts file keys differ (missing {missing}, unexpected {unexpected})")
+        raise KdpromptError(
+            f"teacher {path}: prompts file keys differ (missing {missing}, unexpected {unexpected})"
+        )
     teacher.to(device)
     teacher.eval()
     teacher.fingerprint = fingerprint

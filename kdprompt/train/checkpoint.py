@@ -108,16 +108,30 @@ def load_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(path=path, step=int(meta["step"]), weights=weights, state=state, meta=meta)
 
 
-def resolve_resume(resume: str | Path, directory: Path) -> Path | None:
-    """The checkpoint to resume from: ``auto`` -> latest in ``directory``, ``never`` -> None, or a path."""
+def resolve_resume(resume: str | Path, directory: Path, fingerprint: str | None = None) -> Path | None:
+    """The checkpoint to resume from: ``auto`` -> latest in ``directory``, ``never`` -> None, or a path.
+
+    With ``fingerprint`` (see :func:`kdprompt.config.recipe_fingerprint`), a checkpoint written by a
+    different recipe is refused rather than silently continued.
+    """
     if resume == "never":
         return None
     if resume == "auto":
-        return latest_checkpoint(directory)
-    path = Path(resume)
-    if not (path / "meta.json").is_file():
+        path = latest_checkpoint(directory)
+        if path is None:
+            return None
+    else:
+        path = Path(resume)
+        if not (path / "meta.json").is_file():
+            raise KdpromptError(
+                f"resume checkpoint {path} not found or incomplete; available: "
+                f"{[p.name for p in list_checkpoints(directory)] or 'none'} (or use resume=auto / resume=never)"
+            )
+    found = json.loads((path / "meta.json").read_text(encoding="utf-8")).get("recipe_fingerprint")
+    if fingerprint is not None and found is not None and found != fingerprint:
         raise KdpromptError(
-            f"resume checkpoint {path} not found or incomplete; available: "
-            f"{[p.name for p in list_checkpoints(directory)] or 'none'} (or use resume=auto / resume=never)"
+            f"checkpoint {path} was written by a different recipe (fingerprint {found}, this recipe {fingerprint}): "
+            "the model, data, method or optimisation changed. Use another `name`, delete "
+            f"{Path(path).parent}, or set resume=never to start over (its checkpoints will be replaced)"
         )
     return path

@@ -13,7 +13,7 @@ from accelerate.utils import set_seed
 from open_clip.loss import ClipLoss
 from tqdm.auto import tqdm
 
-from kdprompt.config import PretrainRecipe, ZeroShotEval, dump_recipe
+from kdprompt.config import PretrainRecipe, ZeroShotEval, dump_recipe, recipe_fingerprint
 from kdprompt.data.materialize import shards_for
 from kdprompt.data.protocol import subsample_classes
 from kdprompt.data.shards import batches_per_epoch_for, make_loader, read_sizes
@@ -81,7 +81,8 @@ def run_pretrain(recipe: PretrainRecipe) -> Path:
         decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6
     )
     ckpt_dir = run_dir / "checkpoints"
-    resume_from = resolve_resume(recipe.resume, ckpt_dir)
+    fingerprint = recipe_fingerprint(recipe)
+    resume_from = resolve_resume(recipe.resume, ckpt_dir, fingerprint)
     step, counters, restored_rng = 0, {"corrupt": 0, "samples": 0}, None
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from)
@@ -109,7 +110,7 @@ def run_pretrain(recipe: PretrainRecipe) -> Path:
                 step,
                 accelerator.unwrap_model(model).state_dict(),
                 state,
-                {"epoch": step // per_epoch, "total_steps": total_steps},
+                {"epoch": step // per_epoch, "total_steps": total_steps, "recipe_fingerprint": fingerprint},
                 recipe.checkpoint.keep_last,
             )
         accelerator.wait_for_everyone()

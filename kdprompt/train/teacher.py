@@ -12,7 +12,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from kdprompt.config import TeacherRecipe, dump_recipe
+from kdprompt.config import TeacherRecipe, dump_recipe, recipe_fingerprint
 from kdprompt.data.dataset import SplitDataset
 from kdprompt.data.protocol import few_shot, subsample_classes, val_shots
 from kdprompt.data.sources import load_split
@@ -52,7 +52,9 @@ def fewshot_splits(recipe: TeacherRecipe) -> tuple[Split, Split | None, list[str
         train = subsample_classes(train, "base")
     train.samples = few_shot(train.samples, recipe.fewshot.shots, recipe.seed)
     if not train.samples:
-        raise KdpromptError(f"the train split of {recipe.data.source} data has no images of the chosen classes")
+        raise KdpromptError(
+            f"the train split of {recipe.data.source} data has no images of the chosen classes"
+        )
     val = None
     if recipe.selection == "val":
         val = load_split(recipe.data, "val")
@@ -110,9 +112,19 @@ def run_teacher(recipe: TeacherRecipe) -> Path:
     frozen_text = None
     if is_src:
         templates = TEMPLATE_SETS[method.templates]
-        frozen_text = text_classifier(clip.model.encode_text, clip.tokenizer, classnames, templates).to(device)
-    weights = {"ce": method.ce_weight, "text": method.text_loss_weight, "image": method.image_loss_weight,
-               "kl": method.kl_weight} if is_src else {}
+        frozen_text = text_classifier(clip.model.encode_text, clip.tokenizer, classnames, templates).to(
+            device
+        )
+    weights = (
+        {
+            "ce": method.ce_weight,
+            "text": method.text_loss_weight,
+            "image": method.image_loss_weight,
+            "kl": method.kl_weight,
+        }
+        if is_src
+        else {}
+    )
     gpa_on = is_src and method.gpa.enabled
     gpa_weights = gaussian_epoch_weights(cfg.epochs, method.gpa.mean, method.gpa.std) if gpa_on else []
 
@@ -120,21 +132,23 @@ def run_teacher(recipe: TeacherRecipe) -> Path:
     if per_epoch == 0:
         raise KdpromptError(f"{len(train)} training images cannot be split across {world} processes")
     total_steps = cfg.max_steps or cfg.epochs * per_epoch
-    optimizer = torch.optim.SGD(model.learner.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.learner.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
 
     ckpt_dir = run_dir / "checkpoints"
     step, restored_rng = 0, None
     gpa: dict[str, torch.Tensor] | None = None
     best: dict[str, torch.Tensor] | None = None
     counters: dict[str, Any] = {"gpa_weight": 0.0, "best_val": -1.0, "best_epoch": -1}
-    resume_from = resolve_resume(recipe.resume, ckpt_dir)
+    fingerprint = recipe_fingerprint(recipe)
+    resume_from = resolve_resume(recipe.resume, ckpt_dir, fingerprint)
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from)
-        learner_state = {k[len("learner."):]: v for k, v in ckpt.weights.items() if k.startswith("learner.")}
+        learner_state = {k[len("learner.") :]: v for k, v in ckpt.weights.items() if k.startswith("learner.")}
         model.learner.load_state_dict(learner_state)
-        gpa = {k[len("gpa."):]: v for k, v in ckpt.weights.items() if k.startswith("gpa.")} or None
-        best = {k[len("best."):]: v for k, v in ckpt.weights.items() if k.startswith("best.")} or None
+        gpa = {k[len("gpa.") :]: v for k, v in ckpt.weights.items() if k.startswith("gpa.")} or None
+        best = {k[len("best.") :]: v for k, v in ckpt.weights.items() if k.startswith("best.")} or None
         optimizer.load_state_dict(ckpt.state["optimizer"])
         step, counters, restored_rng = ckpt.step, dict(ckpt.state["counters"]), ckpt.state["rng"]
         if main:
@@ -159,8 +173,14 @@ def run_teacher(recipe: TeacherRecipe) -> Path:
             tensors.update({f"gpa.{k}": v for k, v in (gpa or {}).items()})
             tensors.update({f"best.{k}": v for k, v in (best or {}).items()})
             state = {"optimizer": optimizer.state_dict(), "counters": counters, "rng": rng_state()}
-            save_checkpoint(ckpt_dir, step, tensors, state, {"epoch_end": epoch_end, "total_steps": total_steps},
-                            recipe.checkpoint.keep_last)
+            save_checkpoint(
+                ckpt_dir,
+                step,
+                tensors,
+                state,
+                {"epoch_end": epoch_end, "total_steps": total_steps, "recipe_fingerprint": fingerprint},
+                recipe.checkpoint.keep_last,
+            )
         accelerator.wait_for_everyone()
 
     dataset = SplitDataset(train, core.train_transform)
@@ -189,9 +209,14 @@ def run_teacher(recipe: TeacherRecipe) -> Path:
                 if is_src:
                     frozen_img = core.frozen_image_features(images)
                     terms = promptsrc_losses(
-                        logits=logits, labels=labels, text_features=text_f, frozen_text_features=frozen_text,
-                        image_features=image_f, frozen_image_features=frozen_img,
-                        zero_shot_logits=scale * frozen_img @ frozen_text.T, weights=weights,
+                        logits=logits,
+                        labels=labels,
+                        text_features=text_f,
+                        frozen_text_features=frozen_text,
+                        image_features=image_f,
+                        frozen_image_features=frozen_img,
+                        zero_shot_logits=scale * frozen_img @ frozen_text.T,
+                        weights=weights,
                     )
                 else:
                     terms = {"loss": torch.nn.functional.cross_entropy(logits, labels)}
@@ -204,9 +229,12 @@ def run_teacher(recipe: TeacherRecipe) -> Path:
             if step % cfg.log_every == 0 or step % per_epoch == 0 or step == total_steps:
                 row = {k: accelerator.reduce(v.detach().float(), "mean").item() for k, v in terms.items()}
                 acc = (logits.argmax(-1) == labels).float().mean()
-                row.update(epoch=epoch, lr=optimizer.param_groups[0]["lr"],
-                           train_acc=100 * accelerator.reduce(acc, "mean").item(),
-                           images_per_s=window_images / max(time.perf_counter() - window_start, 1e-9))
+                row.update(
+                    epoch=epoch,
+                    lr=optimizer.param_groups[0]["lr"],
+                    train_acc=100 * accelerator.reduce(acc, "mean").item(),
+                    images_per_s=window_images / max(time.perf_counter() - window_start, 1e-9),
+                )
                 metrics.log(row, step)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['train_acc']:.0f}")
                 window_start, window_images = time.perf_counter(), 0
@@ -222,8 +250,9 @@ def run_teacher(recipe: TeacherRecipe) -> Path:
                     if val_acc > counters["best_val"]:
                         counters["best_val"], counters["best_epoch"] = val_acc, finished
                         best = _trainable_state(core)
-            if step < stop_at and (epoch_end or (recipe.checkpoint.every_steps
-                                                 and step % recipe.checkpoint.every_steps == 0)):
+            if step < stop_at and (
+                epoch_end or (recipe.checkpoint.every_steps and step % recipe.checkpoint.every_steps == 0)
+            ):
                 checkpoint(epoch_end)
             if step >= stop_at:
                 break
@@ -254,26 +283,55 @@ def _final_state(core: PromptedClip, gpa, counters: dict, best, recipe: TeacherR
     return _trainable_state(core), "last"
 
 
-def _finish(recipe: TeacherRecipe, core: PromptedClip, run_dir: Path, classnames: list[str],
-            all_classnames: list[str], train: Split, selected: str, steps: int) -> None:
+def _finish(
+    recipe: TeacherRecipe,
+    core: PromptedClip,
+    run_dir: Path,
+    classnames: list[str],
+    all_classnames: list[str],
+    train: Split,
+    selected: str,
+    steps: int,
+) -> None:
     """Write the artefact, the cache of all classes, the evaluation and the curves (main process)."""
     from kdprompt.cache import build_cache
 
     core.eval()
     fingerprint = save_teacher(
-        run_dir, core, classnames=classnames, all_classnames=all_classnames,
-        extra={"data": recipe.data.model_dump(mode="json"), "fewshot": recipe.fewshot.model_dump(mode="json"),
-               "seed": recipe.seed, "selection": selected, "train_images": len(train), "steps": steps},
+        run_dir,
+        core,
+        classnames=classnames,
+        all_classnames=all_classnames,
+        extra={
+            "data": recipe.data.model_dump(mode="json"),
+            "fewshot": recipe.fewshot.model_dump(mode="json"),
+            "seed": recipe.seed,
+            "selection": selected,
+            "train_images": len(train),
+            "steps": steps,
+        },
     )
     with torch.no_grad():
         features = core.class_features(all_classnames).float().cpu()
     cache_dir = cache_dir_of(recipe)
-    build_cache(features, all_classnames, cache_dir, teacher_fingerprint=fingerprint,
-                logit_scale=float(core.logit_scale), provenance={
-                    "teacher": str(run_dir), "model": core.spec.model_dump(mode="json"),
-                    "method": recipe.method.name})
-    results: dict[str, Any] = {"fingerprint": fingerprint, "selection": selected, "steps": steps,
-                               "cache": str(cache_dir)}
+    build_cache(
+        features,
+        all_classnames,
+        cache_dir,
+        teacher_fingerprint=fingerprint,
+        logit_scale=float(core.logit_scale),
+        provenance={
+            "teacher": str(run_dir),
+            "model": core.spec.model_dump(mode="json"),
+            "method": recipe.method.name,
+        },
+    )
+    results: dict[str, Any] = {
+        "fingerprint": fingerprint,
+        "selection": selected,
+        "steps": steps,
+        "cache": str(cache_dir),
+    }
     if recipe.evaluate:
         from kdprompt.evaluate import ZeroShotClassifier, evaluate_base_novel, evaluation_table
 
@@ -281,12 +339,18 @@ def _finish(recipe: TeacherRecipe, core: PromptedClip, run_dir: Path, classnames
         zero_shot = ZeroShotClassifier(
             create_clip(recipe.model), templates="simple", name=f"zero-shot {recipe.model.name}"
         )
-        rows = [evaluate_base_novel(zero_shot, test, device=core.device),
-                evaluate_base_novel(core, test, device=core.device)]
+        rows = [
+            evaluate_base_novel(zero_shot, test, device=core.device),
+            evaluate_base_novel(core, test, device=core.device),
+        ]
         results["eval"] = rows
         table = evaluation_table(rows)
         write_text_atomic(run_dir / "eval.md", table + "\n")
         tqdm.write("\n" + table)
     write_json_atomic(run_dir / "metrics.json", results)
-    plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", ["loss", "train_acc", "val_acc", "lr"],
-                title=f"teacher {recipe.name} ({recipe.method.name})")
+    plot_curves(
+        run_dir / "metrics.jsonl",
+        run_dir / "curves.png",
+        ["loss", "train_acc", "val_acc", "lr"],
+        title=f"teacher {recipe.name} ({recipe.method.name})",
+    )
