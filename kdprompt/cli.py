@@ -69,7 +69,21 @@ def recipes_show(name: str) -> None:
     click.echo(find_recipe(name).read_text(encoding="utf-8"), nl=False)
 
 
-# ----------------------------------------------------------------------------------------- pretrain
+# ------------------------------------------------------------------------------ training commands
+
+
+def _run_recipe(kind: str, recipe: str, overrides: tuple[str, ...], dry_run: bool) -> None:
+    """Resolve a ``kind`` recipe, then print it (``--dry-run``) or run its training loop."""
+    import importlib
+
+    from kdprompt.config import RECIPE_MODELS, dump_recipe, load_recipe
+
+    resolved = load_recipe(RECIPE_MODELS[kind], recipe, overrides)
+    if dry_run:
+        click.echo(dump_recipe(resolved), nl=False)
+        return
+    run = getattr(importlib.import_module(f"kdprompt.train.{kind}"), f"run_{kind}")
+    echo_main(f"done: {run(resolved)}")
 
 
 @main.command(context_settings={"ignore_unknown_options": False})
@@ -84,16 +98,7 @@ def pretrain(recipe: str, overrides: tuple[str, ...], dry_run: bool) -> None:
     pairs, e.g. `train.max_steps=50 model.name=ViT-B-32`. Writes <output_dir>/<name>/pretrain/:
     model.safetensors (open_clip-loadable), metrics.jsonl, metrics.json, curves.png, checkpoints/.
     """
-    from kdprompt.config import PretrainRecipe, dump_recipe, load_recipe
-
-    resolved = load_recipe(PretrainRecipe, recipe, overrides)
-    if dry_run:
-        click.echo(dump_recipe(resolved), nl=False)
-        return
-    from kdprompt.train.pretrain import run_pretrain
-
-    run_dir = run_pretrain(resolved)
-    echo_main(f"done: {run_dir}")
+    _run_recipe("pretrain", recipe, overrides, dry_run)
 
 
 # ------------------------------------------------------------------------------------------ teacher
@@ -112,16 +117,7 @@ def teacher(recipe: str, overrides: tuple[str, ...], dry_run: bool) -> None:
     (prompts.safetensors, teacher.json, metrics, checkpoints, curves.png, eval.md) and the text-feature
     cache of all the data's classes under cache/<name>/ (or `cache_dir`).
     """
-    from kdprompt.config import TeacherRecipe, dump_recipe, load_recipe
-
-    resolved = load_recipe(TeacherRecipe, recipe, overrides)
-    if dry_run:
-        click.echo(dump_recipe(resolved), nl=False)
-        return
-    from kdprompt.train.teacher import run_teacher
-
-    run_dir = run_teacher(resolved)
-    echo_main(f"done: {run_dir}")
+    _run_recipe("teacher", recipe, overrides, dry_run)
 
 
 # -------------------------------------------------------------------------------------------- cache

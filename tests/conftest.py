@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -49,3 +51,30 @@ def tiny_teacher_weights(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("weights") / "kd-tiny-teacher-random.safetensors"
     save_clip_weights(create_clip(ModelSpec(name="kd-tiny-teacher")).model, path)
     return str(path)
+
+
+def accelerate_launch(args: list[str], processes: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m kdprompt ARGS`` under ``accelerate launch`` with CPU processes (a real DDP run)."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+        "-m",
+        "kdprompt",
+        *args,
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import open_clip
 import pytest
 import torch
+from conftest import accelerate_launch
 
 from kdprompt.models.loading import resolve_model_name
 from kdprompt.train.checkpoint import list_checkpoints
@@ -104,32 +102,15 @@ def test_resume_from_a_missing_checkpoint_is_a_clear_error(cli, tmp_path, world_
 
 @pytest.mark.dist
 def test_two_process_cpu_run_reads_disjoint_shards(tmp_path, world_root):
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "0",
-        "-m",
-        "kdprompt",
-        "pretrain",
-        "demo/pretrain-student",
-        *small_run(tmp_path, world_root, "dist"),
-        "train.batch_size=16",
-        "train.max_steps=3",
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    accelerate_launch(
+        [
+            "pretrain",
+            "demo/pretrain-student",
+            *small_run(tmp_path, world_root, "dist"),
+            "train.batch_size=16",
+            "train.max_steps=3",
+        ]
+    )
     run = tmp_path / "runs" / "dist" / "pretrain"
     records = [json.loads((run / "data" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in records] == [2, 2]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import accelerate_launch
 from safetensors.torch import load_file
 
 from kdprompt.cache import load_cache
@@ -213,35 +214,14 @@ def test_eval_cli_reports_a_teacher_like_its_run(cli, tmp_path, teacher_args):
 
 @pytest.mark.dist
 def test_two_process_teacher_run(tmp_path, world_root, tiny_teacher_weights):
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "0",
-        "-m",
-        "kdprompt",
-        "teacher",
-        "demo/teacher-promptsrc",
-        *_teacher_args(tmp_path, world_root, tiny_teacher_weights, "dist", "promptsrc"),
-        "train.epochs=2",
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    accelerate_launch(
+        [
+            "teacher",
+            "demo/teacher-promptsrc",
+            *_teacher_args(tmp_path, world_root, tiny_teacher_weights, "dist", "promptsrc"),
+            "train.epochs=2",
+        ]
+    )
     run = tmp_path / "runs" / "dist" / "teacher"
     meta = json.loads((run / "teacher.json").read_text())
     # 24 base classes x 2 shots = 48 images, batch 8 per process over 2 processes: 3 steps per epoch.

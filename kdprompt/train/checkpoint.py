@@ -52,6 +52,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def restore_rng_on_resume(state: dict[str, Any], is_main: bool, seed: int) -> None:
+    """Continue the random stream of an interrupted run.
+
+    The main process saved its RNG state; other ranks reseed deterministically from ``seed``
+    (already offset by rank and step by the caller), since only the main process writes checkpoints.
+    """
+    if is_main:
+        set_rng_state(state)
+    else:
+        torch.manual_seed(seed)
+
+
 def _contiguous(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses shared or non-contiguous storage: give each tensor its own copy.
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in weights.items()}

@@ -25,9 +25,9 @@ from kdprompt.models.loading import create_clip, save_clip_weights
 from kdprompt.train.checkpoint import (
     load_checkpoint,
     resolve_resume,
+    restore_rng_on_resume,
     rng_state,
     save_checkpoint,
-    set_rng_state,
 )
 from kdprompt.train.metrics import MetricsLog, plot_curves
 from kdprompt.train.runtime import cosine_lr, decay_groups, make_accelerator, set_lr
@@ -140,10 +140,7 @@ def run_pretrain(recipe: PretrainRecipe) -> Path:
             next(batches)
         if restored_rng is not None:
             # Restored after the replay so the next batch's augmentations match the interrupted run.
-            if main:
-                set_rng_state(restored_rng)
-            else:
-                torch.manual_seed(recipe.seed + 7919 * rank + step)
+            restore_rng_on_resume(restored_rng, main, recipe.seed + 7919 * rank + step)
             restored_rng = None
         for batch in batches:
             images = batch["image"].to(accelerator.device, non_blocking=True)

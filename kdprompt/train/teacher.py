@@ -26,9 +26,9 @@ from kdprompt.objectives import accumulate_gpa, gaussian_epoch_weights, promptsr
 from kdprompt.train.checkpoint import (
     load_checkpoint,
     resolve_resume,
+    restore_rng_on_resume,
     rng_state,
     save_checkpoint,
-    set_rng_state,
 )
 from kdprompt.train.metrics import MetricsLog, plot_curves
 from kdprompt.train.runtime import cosine_lr, make_accelerator, set_lr
@@ -194,10 +194,7 @@ def run_teacher(recipe: TeacherRecipe) -> Path:
         batches = epoch_batches(len(dataset), cfg.batch_size, recipe.seed, epoch, rank, world)[skip:]
         loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers)
         if restored_rng is not None:
-            if main:
-                set_rng_state(restored_rng)
-            else:
-                torch.manual_seed(recipe.seed + 7919 * rank + step)
+            restore_rng_on_resume(restored_rng, main, recipe.seed + 7919 * rank + step)
             restored_rng = None
         for images, labels in loader:
             images, labels = images.to(device), labels.to(device)
