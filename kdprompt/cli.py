@@ -24,6 +24,7 @@ def main() -> None:
       kdprompt pretrain RECIPE   contrastive CLIP pre-training on image-text shards
       kdprompt teacher RECIPE    prompt-learn a teacher (PromptSRC / MaPLe), cache its class features
       kdprompt cache TEACHER     text-feature cache for another class list, no retraining
+      kdprompt distill RECIPE    distill a compact student on unlabelled shards
       kdprompt eval ...          base / novel / HM accuracy of zero-shot CLIPs and teachers
       kdprompt shards SRC OUT    write any data source's split as webdataset shards
       kdprompt demo              the pipeline on the built-in synthetic world, offline
@@ -118,6 +119,25 @@ def teacher(recipe: str, overrides: tuple[str, ...], dry_run: bool) -> None:
     cache of all the data's classes under cache/<name>/ (or `cache_dir`).
     """
     _run_recipe("teacher", recipe, overrides, dry_run)
+
+
+# ------------------------------------------------------------------------------------------ distill
+
+
+@main.command()
+@click.argument("recipe")
+@click.argument("overrides", nargs=-1)
+@click.option("--dry-run", is_flag=True, help="Print the resolved recipe and exit.")
+@user_errors
+def distill(recipe: str, overrides: tuple[str, ...], dry_run: bool) -> None:
+    """Distill a compact student from a teacher on unlabelled shards (kl, fd, icl, crd objectives).
+
+    RECIPE is a built-in name (see `kdprompt recipes`) or a YAML file; OVERRIDES are key.sub=value
+    pairs, e.g. `student.adaptation=prompts objectives.kl.weight=1000`. The teacher's image features
+    are computed per batch, its class text features come from its cache (never re-encoded). Writes
+    <output_dir>/<name>/student/ (student.safetensors, student.json, metrics, checkpoints, curves.png).
+    """
+    _run_recipe("distill", recipe, overrides, dry_run)
 
 
 # -------------------------------------------------------------------------------------------- cache

@@ -196,13 +196,127 @@ class TeacherRecipe(StrictModel):
     evaluate: bool = Field(default=True, description="report base/novel/HM on the test split at the end")
 
 
+class KLObjectiveConfig(StrictModel):
+    """``kl``: τ² · KL(softmax(zT/τ) ‖ softmax(zS/τ)) over the cached classes (PromptKD)."""
+
+    weight: float = Field(default=1.0, ge=0)
+    temperature: float = Field(default=1.0, gt=0)
+    reduction: Literal["batchmean", "mean"] = Field(
+        default="batchmean", description="batchmean: sum / B; mean: sum / (B·C), PromptKD's own (weight 1000)"
+    )
+
+
+class FDObjectiveConfig(StrictModel):
+    """``fd``: mean squared error between student and teacher features (CLIP-KD FD, weight 2000)."""
+
+    weight: float = Field(default=2000.0, ge=0)
+
+
+class ICLObjectiveConfig(StrictModel):
+    """``icl``: student features as anchors contrasted with the batch's teacher features (CLIP-KD ICL)."""
+
+    weight: float = Field(default=1.0, ge=0)
+    init_temperature: float = Field(default=0.07, gt=0, description="learnable, kept in log space")
+    min_temperature: float = Field(
+        default=0.01, gt=0, description="clamp: 1/temperature never exceeds 1/this"
+    )
+
+
+class CRDObjectiveConfig(StrictModel):
+    """``crd``: KL between teacher and student in-batch relation distributions (CLIP-KD CRD)."""
+
+    weight: float = Field(default=1.0, ge=0)
+    temperature: float = Field(default=0.07, gt=0)
+
+
+class ObjectivesConfig(StrictModel):
+    """The distillation objectives a recipe names, each with its weight; the total is their weighted sum."""
+
+    kl: KLObjectiveConfig | None = None
+    fd: FDObjectiveConfig | None = None
+    icl: ICLObjectiveConfig | None = None
+    crd: CRDObjectiveConfig | None = None
+
+
+class StudentConfig(StrictModel):
+    """The student: an open_clip image tower, how it adapts, and its projector."""
+
+    model: ModelSpec
+    adaptation: Literal["prompts", "full", "projector"] = Field(
+        default="prompts",
+        description="prompts: frozen tower + deep visual prompts (PromptKD); full: every tower weight trains; "
+        "projector: only the projector",
+    )
+    n_ctx: int = Field(default=4, ge=1, description="visual prompt tokens per depth (adaptation: prompts)")
+    depth: int = Field(default=9, ge=1, description="blocks receiving visual prompts (adaptation: prompts)")
+    projector: Literal["mlp", "linear"] = Field(
+        default="mlp", description="mlp: Linear-BatchNorm-ReLU-Linear (PromptKD); linear"
+    )
+
+
+class DistillTrainConfig(StrictModel):
+    """Optimisation of the student (PromptKD's defaults)."""
+
+    batch_size: int = Field(default=8, ge=1, description="per-process batch size")
+    epochs: int = Field(default=20, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
+    stop_after_steps: int | None = Field(
+        default=None,
+        ge=1,
+        description="end this invocation after N more steps (checkpointed), e.g. to fit a job slot; rerun to continue",
+    )
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(default=0.005, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    warmup_epochs: int = Field(default=1, ge=0)
+    warmup_lr: float = Field(default=1e-5, gt=0)
+    num_workers: int = Field(default=0, ge=0)
+    shuffle_buffer: int = Field(default=1000, ge=0)
+    resampled: bool = False
+    log_every: int = Field(default=10, ge=1)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+
+
+class DistillRecipe(StrictModel):
+    """``kdprompt distill``: train a student from unlabelled shards against a teacher and its cache."""
+
+    recipe: Literal["distill"] = "distill"
+    name: str = Field(description="run name: outputs go to <output_dir>/<name>/student/")
+    description: str = ""
+    seed: int = 1
+    output_dir: Path = Path("runs")
+    teacher: Path = Field(description="the teacher directory (runs/<name>/teacher)")
+    cache: Path | None = Field(
+        default=None, description="the teacher's text-feature cache (default cache/<teacher run>)"
+    )
+    student: StudentConfig
+    data: DataConfig = Field(
+        description="unlabelled images (labels, if any, are ignored); written to shards once"
+    )
+    split: Literal["train", "val", "test"] = "train"
+    shards_dir: Path = Path("cache/shards")
+    shard_maxcount: int = Field(default=1000, ge=1)
+    objectives: ObjectivesConfig
+    train: DistillTrainConfig = DistillTrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    resume: Literal["auto", "never"] | Path = "auto"
+    evaluate: bool = Field(
+        default=True, description="report base/novel/HM on the teacher's test split at the end"
+    )
+
+
 class DataSection(StrictModel):
     """Just a ``data:`` section (``kdprompt shards`` validates its SRC with it)."""
 
     data: DataConfig
 
 
-RECIPE_MODELS: dict[str, type[StrictModel]] = {"pretrain": PretrainRecipe, "teacher": TeacherRecipe}
+RECIPE_MODELS: dict[str, type[StrictModel]] = {
+    "pretrain": PretrainRecipe,
+    "teacher": TeacherRecipe,
+    "distill": DistillRecipe,
+}
 
 R = TypeVar("R", bound=BaseModel)
 

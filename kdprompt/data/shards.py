@@ -399,8 +399,14 @@ class _ShardStream(torch.utils.data.IterableDataset):
         mine = list(islice(urls, self.rank, None, self.world_size))
         return list(islice(mine, worker, None, num_workers))
 
-    def _raw_samples(self, worker: int, num_workers: int) -> Iterator[dict]:
-        """Undecoded samples: one pass, repeated passes (batches_per_epoch), or resampled shards."""
+    def _raw_samples(
+        self, worker: int, num_workers: int, mix: Callable[[Iterator[dict]], Iterator[dict]]
+    ) -> Iterator[dict]:
+        """Undecoded samples: one pass, repeated passes (batches_per_epoch), or resampled shards.
+
+        ``mix`` shuffles a stream of samples. It is applied to each pass on its own, so the shuffle
+        buffer never pulls a later pass's shards into this one: within a pass, ranks stay disjoint.
+        """
 
         def read(urls: Iterable[str]) -> Iterator[dict]:
             return wds.tarfile_samples(({"url": u} for u in urls), handler=_warn_and_continue)
@@ -409,22 +415,29 @@ class _ShardStream(torch.utils.data.IterableDataset):
         if self.resampled:
             # Per-rank (and per-worker) seed: ranks draw different shard sequences.
             rng = random.Random(f"resample:{self.seed}:{self.epoch}:{self.rank}:{worker}")
-            tried: set[str] = set()
-            productive = False
-            while True:
-                url = rng.choice(self.urls)
-                for sample in read([url]):
-                    productive = True
-                    yield sample
-                tried.add(url)
-                if not productive and len(tried) == len(self.urls):
-                    raise KdpromptError(f"{where}: no readable samples in any of {len(self.urls)} shard(s)")
+
+            def resampled() -> Iterator[dict]:
+                tried: set[str] = set()
+                productive = False
+                while True:
+                    url = rng.choice(self.urls)
+                    for sample in read([url]):
+                        productive = True
+                        yield sample
+                    tried.add(url)
+                    if not productive and len(tried) == len(self.urls):
+                        raise KdpromptError(
+                            f"{where}: no readable samples in any of {len(self.urls)} shard(s)"
+                        )
+
+            yield from mix(resampled())
+            return
         repeat = self.batches_per_epoch is not None
         pass_index = 0
         while True:
             urls = self._pass_urls(pass_index, worker, num_workers)
             count = 0
-            for sample in read(urls):
+            for sample in mix(read(urls)):
                 count += 1
                 yield sample
             if not repeat:
@@ -448,11 +461,13 @@ class _ShardStream(torch.utils.data.IterableDataset):
             quota = self.batches_per_epoch // num_workers + (worker < self.batches_per_epoch % num_workers)
             if quota == 0:
                 return
-        samples: Iterator[dict] = self._raw_samples(worker, num_workers)
-        if self.shuffle_buffer > 1:
-            rng = random.Random(f"samples:{self.seed}:{self.epoch}:{self.rank}:{worker}")
+        rng = random.Random(f"samples:{self.seed}:{self.epoch}:{self.rank}:{worker}")
+
+        def mix(stream: Iterator[dict]) -> Iterator[dict]:
             # Shuffle the raw bytes (small) and decode afterwards, so the buffer holds no tensors.
-            samples = wds.shuffle(self.shuffle_buffer, rng=rng)(samples)
+            return wds.shuffle(self.shuffle_buffer, rng=rng)(stream) if self.shuffle_buffer > 1 else stream
+
+        samples: Iterator[dict] = self._raw_samples(worker, num_workers, mix)
 
         corrupt = 0
         emitted = 0

@@ -54,7 +54,8 @@ def _deep(n: int, count: int, width: int) -> nn.ParameterList:
     return nn.ParameterList([nn.Parameter(torch.randn(n, width) * PROMPT_INIT_STD) for _ in range(count)])
 
 
-def _check_depth(depth: int, layers: int, field: str) -> None:
+def check_depth(depth: int, layers: int, field: str) -> None:
+    """Refuse a prompt depth the tower cannot take, naming the recipe field."""
     if not 1 <= depth <= layers:
         raise KdpromptError(f"{field} is {depth}, but the tower has {layers} blocks; use 1..{layers}")
 
@@ -85,8 +86,8 @@ class IndependentPrompts(PromptLearner):
 
     def __init__(self, cfg, clip, text_tower, vision_tower) -> None:
         super().__init__()
-        _check_depth(cfg.text_depth, text_tower.num_layers, "method.text_depth")
-        _check_depth(cfg.vision_depth, vision_tower.num_layers, "method.vision_depth")
+        check_depth(cfg.text_depth, text_tower.num_layers, "method.text_depth")
+        check_depth(cfg.vision_depth, vision_tower.num_layers, "method.vision_depth")
         ctx, self.prefix = phrase_context(
             cfg.ctx_init, cfg.n_ctx_text, clip.tokenizer, clip.model.token_embedding, "method"
         )
@@ -111,7 +112,7 @@ class CoupledPrompts(PromptLearner):
     def __init__(self, cfg, clip, text_tower, vision_tower) -> None:
         super().__init__()
         layers = min(text_tower.num_layers, vision_tower.num_layers)
-        _check_depth(cfg.depth, layers, "method.depth")
+        check_depth(cfg.depth, layers, "method.depth")
         ctx, self.prefix = phrase_context(
             cfg.ctx_init, cfg.n_ctx, clip.tokenizer, clip.model.token_embedding, "method"
         )

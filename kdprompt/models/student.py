@@ -1,0 +1,215 @@
+"""The student: an open_clip image tower adapted by prompts, fully, or not at all, plus a projector.
+
+Its features live in the teacher's embedding space (``normalize(projector(tower(x)))``), so it
+classifies with the teacher's cached class text features alone: no text tower at inference.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdprompt.models.loading import LoadedClip
+from kdprompt.models.prompting import PROMPT_INIT_STD, check_depth
+from kdprompt.models.towers import AppendPrompts, PromptedVisionTower
+from kdprompt.registry import Registry
+
+PROJECTORS: Registry[type[nn.Module]] = Registry("projector")
+
+
+@PROJECTORS.register("mlp")
+class MLPProjector(nn.Sequential):
+    """PromptKD's projector: Linear(d, D) - BatchNorm - ReLU - Linear(D, D)."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__(
+            nn.Linear(in_dim, out_dim),
+            nn.BatchNorm1d(out_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(out_dim, out_dim),
+        )
+
+
+@PROJECTORS.register("linear")
+class LinearProjector(nn.Linear):
+    """A single linear map d -> D (CLIP-KD's choice when the widths differ)."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__(in_dim, out_dim)
+
+
+ADAPTATIONS = ("prompts", "full", "projector")
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameters of a module."""
+    return sum(p.numel() for p in module.parameters())
+
+
+class Student(nn.Module):
+    """Image tower + projector to the teacher's embedding dim.
+
+    Args:
+        clip: the student's open_clip model; only its image tower is kept.
+        cfg: ``adaptation`` (prompts | full | projector), ``projector`` (mlp | linear), ``n_ctx``, ``depth``.
+        out_dim: the teacher's embedding dim.
+    """
+
+    def __init__(self, clip: LoadedClip, cfg: Any, out_dim: int) -> None:
+        super().__init__()
+        self.adaptation = cfg.adaptation
+        self.visual = clip.model.visual
+        self.transform = clip.preprocess_val
+        self.train_transform = clip.preprocess_train
+        self.spec = clip.spec
+        in_dim = _output_dim(clip.model)
+        self.prompts: nn.ParameterList | None = None
+        if cfg.adaptation == "prompts":
+            self.tower: nn.Module = PromptedVisionTower(self.visual, clip.spec.name)
+            check_depth(cfg.depth, self.tower.num_layers, "student.depth")
+            self.prompts = nn.ParameterList(
+                nn.Parameter(torch.randn(cfg.n_ctx, self.tower.width) * PROMPT_INIT_STD)
+                for _ in range(cfg.depth)
+            )
+        self.visual.requires_grad_(cfg.adaptation == "full")
+        self.projector = PROJECTORS.get(cfg.projector)(in_dim, out_dim)
+        self.name = f"student {clip.spec.name} ({cfg.adaptation})"
+
+    def train(self, mode: bool = True) -> Student:
+        """Frozen towers stay in eval mode."""
+        super().train(mode)
+        if self.adaptation != "full":
+            self.visual.eval()
+        return self
+
+    def tower_features(self, images: Tensor) -> Tensor:
+        """The (prompted) image tower's output, before the projector."""
+        if self.prompts is not None:
+            return self.tower(images, AppendPrompts(list(self.prompts)))
+        return self.visual(images)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """L2-normalised features in the teacher's embedding space (B x D)."""
+        return F.normalize(self.projector(self.tower_features(images)), dim=-1)
+
+    encode_images = forward
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        """What training changes: trainable parameters and the projector's BatchNorm statistics."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names or k.startswith("projector.")}
+
+    def image_tower_parameters(self) -> int:
+        """Parameters of the image tower (prompts and projector excluded)."""
+        return count_parameters(self.visual)
+
+
+def _output_dim(model: nn.Module) -> int:
+    """The image tower's feature width: its ``output_dim``, else the CLIP's joint embedding width."""
+    dim = getattr(model.visual, "output_dim", None)
+    if dim is None:
+        dim = model.text_projection.shape[-1]
+    return int(dim)
+
+
+STUDENT_FILE, STUDENT_WEIGHTS = "student.json", "student.safetensors"
+
+
+class StudentClassifier:
+    """A student classifying with cached class text features (the evaluation interface)."""
+
+    def __init__(self, student: Student, cache: Any, name: str | None = None) -> None:
+        self.student = student
+        self.cache = cache
+        self.name = name or student.name
+        self.transform = student.transform
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Normalised student features in the teacher's space."""
+        return self.student(images)
+
+    def class_features(self, classnames: list[str]) -> Tensor:
+        """Cached teacher text features of ``classnames`` (no text encoder)."""
+        device = next(self.student.parameters()).device
+        return self.cache.subset(classnames).features.to(device)
+
+    def to(self, device: Any) -> StudentClassifier:
+        self.student.to(device)
+        return self
+
+
+def save_student(
+    run_dir: Any, student: Student, *, recipe: Any, teacher: Any, cache: Any, cache_path: Any
+) -> None:
+    """Write ``student.safetensors`` (the whole student) then ``student.json`` atomically."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from kdprompt import __version__
+    from kdprompt.io import atomic_write, write_json_atomic
+    from kdprompt.models.teacher import model_identity
+
+    run_dir = Path(run_dir)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in student.state_dict().items()}
+    atomic_write(
+        run_dir / STUDENT_WEIGHTS, lambda p: save_file(state, str(p), metadata={"kdprompt": __version__})
+    )
+    write_json_atomic(
+        run_dir / STUDENT_FILE,
+        {
+            "format_version": 1,
+            "kdprompt_version": __version__,
+            "student": {
+                **recipe.student.model_dump(mode="json"),
+                "model": model_identity(recipe.student.model),
+            },
+            "embed_dim": cache.embed_dim,
+            "teacher": {"path": str(recipe.teacher), "fingerprint": teacher.fingerprint},
+            "cache": {
+                "path": str(cache_path),
+                "teacher_fingerprint": cache.teacher_fingerprint,
+                "classnames_sha256": cache.manifest["classnames_sha256"],
+                "num_classes": cache.num_classes,
+            },
+            "image_tower_parameters": student.image_tower_parameters(),
+            "objectives": recipe.objectives.model_dump(mode="json", exclude_none=True),
+        },
+    )
+
+
+def load_student(path: Any, device: str | torch.device = "cpu") -> tuple[Student, Any]:
+    """Rebuild a student and load its cache from ``runs/<name>/student``."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from kdprompt.cache import load_cache
+    from kdprompt.config import StudentConfig
+    from kdprompt.errors import KdpromptError
+    from kdprompt.models.loading import create_clip
+    from kdprompt.models.spec import ModelSpec
+
+    path = Path(path)
+    meta_file = path / STUDENT_FILE
+    if not meta_file.is_file() or not (path / STUDENT_WEIGHTS).is_file():
+        raise KdpromptError(
+            f"{path} is not a student directory (student.json / student.safetensors missing); "
+            "train one with `kdprompt distill RECIPE`"
+        )
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    spec_fields = meta["student"]["model"]
+    cfg = StudentConfig(
+        **{
+            **{k: v for k, v in meta["student"].items() if k != "model"},
+            "model": ModelSpec(**{k: spec_fields[k] for k in ("name", "pretrained", "precision")}),
+        }
+    )
+    cache = load_cache(Path(meta["cache"]["path"]), expect_fingerprint=meta["cache"]["teacher_fingerprint"])
+    student = Student(create_clip(cfg.model, device=device), cfg, out_dim=int(meta["embed_dim"]))
+    student.load_state_dict(load_file(str(path / STUDENT_WEIGHTS)))
+    return student.to(device).eval(), cache

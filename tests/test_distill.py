@@ -1,0 +1,186 @@
+"""Stage two: distill a student from unlabelled shards, through the CLI, resumable, multi-process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import accelerate_launch
+from safetensors.torch import load_file
+
+from kdprompt.cache import build_cache, load_cache
+from kdprompt.config import DistillRecipe, StudentConfig, load_recipe
+from kdprompt.models import ModelSpec, create_clip, save_clip_weights
+from kdprompt.models.student import Student, count_parameters, load_student
+from kdprompt.models.teacher import load_teacher
+from kdprompt.objectives import DistillObjectives
+
+pytestmark = pytest.mark.slow
+
+WORLD = ["train_per_class=4", "test_per_class=2", "val_per_class=1"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, world_root, tiny_teacher_weights):
+    """A tiny PromptSRC teacher with its cache, and student weights standing in for a pre-trained student."""
+    from click.testing import CliRunner
+
+    from kdprompt.cli import main
+
+    root = tmp_path_factory.mktemp("distill")
+    args = [
+        "teacher",
+        "demo/teacher-promptsrc",
+        "name=t",
+        f"output_dir={root / 'runs'}",
+        f"model.pretrained={tiny_teacher_weights}",
+        f"data.root={world_root}",
+        *[f"data.{kv}" for kv in WORLD],
+        "fewshot.shots=2",
+        "train.batch_size=8",
+        "train.epochs=1",
+        "method.text_depth=2",
+        "method.vision_depth=2",
+        f"cache_dir={root / 'cache' / 't'}",
+        "evaluate=false",
+    ]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    torch.manual_seed(1)
+    student_weights = root / "student.safetensors"
+    save_clip_weights(create_clip(ModelSpec(name="kd-tiny-student")).model, student_weights)
+    return {
+        "root": root,
+        "teacher": root / "runs" / "t" / "teacher",
+        "cache": root / "cache" / "t",
+        "student": student_weights,
+        "world_root": world_root,
+    }
+
+
+def distill_args(trained, tmp_path: Path, name: str, adaptation: str = "full") -> list[str]:
+    return [
+        f"name={name}",
+        f"output_dir={tmp_path / 'runs'}",
+        f"teacher={trained['teacher']}",
+        f"cache={trained['cache']}",
+        f"student.model.pretrained={trained['student']}",
+        f"student.adaptation={adaptation}",
+        "student.depth=2",
+        f"data.root={trained['world_root']}",
+        *[f"data.{kv}" for kv in WORLD],
+        f"shards_dir={tmp_path / 'shards'}",
+        "shard_maxcount=48",
+        "train.batch_size=16",
+        "train.epochs=2",
+        "train.log_every=1",
+        "train.shuffle_buffer=32",
+    ]
+
+
+@pytest.mark.parametrize("adaptation", ["prompts", "full", "projector"])
+def test_distill_each_adaptation_through_the_cli(cli, tmp_path, trained, adaptation):
+    result = cli("distill", "demo/distill-student", *distill_args(trained, tmp_path, "d", adaptation))
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "d" / "student"
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all({"kl", "fd", "icl", "crd", "loss"} <= set(r) for r in rows)
+    meta = json.loads((run / "student.json").read_text())
+    assert meta["student"]["adaptation"] == adaptation
+    assert meta["teacher"]["fingerprint"] == load_teacher(trained["teacher"]).fingerprint
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"base", "novel", "hm"} <= set(metrics["eval"][1])
+    student, cache = load_student(run)
+    with torch.no_grad():
+        feats = student(torch.randn(2, 3, 32, 32))
+    assert feats.shape == (2, cache.embed_dim)
+    # Only what the adaptation trains has changed.
+    before = create_clip(ModelSpec(name="kd-tiny-student", pretrained=str(trained["student"]))).model.visual
+    after = student.visual
+    same = all(
+        torch.equal(a, b)
+        for a, b in zip(before.state_dict().values(), after.state_dict().values(), strict=True)
+    )
+    assert same == (adaptation != "full")
+
+
+def test_kill_and_resume_gives_the_same_student(cli, tmp_path, trained):
+    assert cli("distill", "demo/distill-student", *distill_args(trained, tmp_path, "full")).exit_code == 0
+    part = distill_args(trained, tmp_path, "part")
+    first = cli("distill", "demo/distill-student", *part, "train.stop_after_steps=3")
+    assert first.exit_code == 0, first.output
+    second = cli("distill", "demo/distill-student", *part)
+    assert second.exit_code == 0, second.output
+    a = load_file(str(tmp_path / "runs" / "full" / "student" / "student.safetensors"))
+    b = load_file(str(tmp_path / "runs" / "part" / "student" / "student.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
+@pytest.mark.dist
+def test_two_process_distill_disjoint_shards_identical_weights(tmp_path, trained):
+    accelerate_launch(
+        [
+            "distill",
+            "demo/distill-student",
+            *distill_args(trained, tmp_path, "dist"),
+            "train.batch_size=8",
+            "train.epochs=1",
+        ]
+    )
+    run = tmp_path / "runs" / "dist" / "student"
+    records = [json.loads((run / "data" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in records] == [2, 2]
+    assert not set(records[0]["shards"]) & set(records[1]["shards"])
+    assert records[0]["samples"] == records[1]["samples"] > 0
+    assert records[0]["weights_sha256"] == records[1]["weights_sha256"]
+
+
+def test_student_never_changes_the_teacher(trained):
+    teacher = load_teacher(trained["teacher"])
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    cache = load_cache(trained["cache"])
+    recipe = load_recipe(DistillRecipe, "demo/distill-student")
+    cfg = StudentConfig(model=ModelSpec(name="kd-tiny-student"), adaptation="full", projector="mlp")
+    student = Student(create_clip(cfg.model), cfg, out_dim=cache.embed_dim)
+    objectives = DistillObjectives(recipe.objectives)
+    params = [*student.parameters(), *objectives.parameters()]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    from kdprompt.objectives import DistillBatch
+
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        t = teacher.encode_images(images)
+    out = objectives(
+        DistillBatch(
+            student=student(images),
+            teacher=t,
+            text=cache.features,
+            logit_scale=torch.tensor(cache.logit_scale),
+        )
+    )
+    out["loss"].backward()
+    optimizer.step()
+    assert all(p.grad is None for p in teacher.parameters())
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_stale_cache_is_refused(cli, tmp_path, trained):
+    stale = tmp_path / "stale"
+    cache = load_cache(trained["cache"])
+    build_cache(
+        cache.features, cache.classnames, stale, teacher_fingerprint="0" * 64, logit_scale=cache.logit_scale
+    )
+    result = cli("distill", "demo/distill-student", *distill_args(trained, tmp_path, "s"), f"cache={stale}")
+    assert result.exit_code == 2
+    assert "0" * 64 in result.output and load_teacher(trained["teacher"]).fingerprint in result.output
+
+
+def test_compact_student_is_at_most_a_third_of_the_teacher():
+    teacher = create_clip(ModelSpec(name="kd-tiny-teacher")).model.visual
+    student = create_clip(ModelSpec(name="kd-tiny-student")).model.visual
+    assert count_parameters(student) * 3 <= count_parameters(teacher)
