@@ -25,6 +25,16 @@ def test_quick_demo_runs_and_reuses_pretrained_models(cli, tmp_path):
         "maple teacher",
     ]
     assert all(0 <= r["hm"] <= 100 for r in b2n)
+    final = summary["final"]
+    assert [r["model"] for r in final] == [
+        "zero-shot teacher",
+        "promptsrc teacher",
+        "zero-shot student",
+        "distilled student",
+    ]
+    assert all(r["images_per_s"] > 0 and r["image_tower_params"] > 0 for r in final)
+    assert final[3]["image_tower_params"] * 3 <= final[1]["image_tower_params"]
+    assert (out / "demo-quick" / "summary.png").stat().st_size > 1000
     assert (cache / "pretrained" / "kd-tiny-teacher-synthetic-quick.safetensors").is_file()
     assert "| model |" in (out / "demo-quick" / "summary.md").read_text()
     assert (cache / "demo-quick-teacher-promptsrc" / "manifest.json").is_file()
