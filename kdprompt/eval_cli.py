@@ -87,6 +87,14 @@ def _resolve_data(data_src: str | None, overrides: tuple[str, ...], teachers: li
     help="A teacher directory (runs/<name>/teacher); repeat for several.",
 )
 @click.option(
+    "--student",
+    "student_dirs",
+    multiple=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    metavar="DIR",
+    help="A distilled student (runs/<name>/student), classifying with its cached text features; repeatable.",
+)
+@click.option(
     "--data",
     "data_src",
     metavar="SRC",
@@ -125,6 +133,7 @@ def eval_command(
     overrides: tuple[str, ...],
     zero_shot: tuple[str, ...],
     teacher_dirs: tuple[Path, ...],
+    student_dirs: tuple[Path, ...],
     data_src: str | None,
     split: str,
     templates: str,
@@ -143,6 +152,7 @@ def eval_command(
       --zero-shot MODEL[@PRETRAINED]  an open_clip model (built-in, kdprompt config or JSON path),
                                       weights after '@' (a local file or an open_clip tag)
       --teacher DIR                   a trained teacher (runs/<name>/teacher)
+      --student DIR                   a distilled student (runs/<name>/student), with its cached text features
 
     \b
     Data: --data SRC plus OVERRIDES (key=value), where SRC is
@@ -156,6 +166,7 @@ def eval_command(
       kdprompt eval --zero-shot kd-tiny-teacher@cache/pretrained/kd-tiny-teacher.safetensors \\
           --data synthetic domain=downstream
       kdprompt eval --teacher runs/dtd/teacher --zero-shot ViT-B-16@openai
+      kdprompt eval --teacher runs/dtd/teacher --student runs/dtd-kd/student
       kdprompt eval --teacher runs/dtd/teacher --data coop root=~/data dataset=dtd --split val
 
     Prints a Markdown table and writes OUT/metrics.json (one entry per model, with image and class
@@ -169,9 +180,10 @@ def eval_command(
     from kdprompt.models.loading import create_clip
     from kdprompt.models.spec import ModelSpec
 
-    if not zero_shot and not teacher_dirs:
+    if not zero_shot and not teacher_dirs and not student_dirs:
         raise KdpromptError(
-            "no model to evaluate: give --zero-shot MODEL[@PRETRAINED] and/or --teacher DIR (each repeatable)"
+            "no model to evaluate: give --zero-shot MODEL[@PRETRAINED], --teacher DIR and/or --student DIR "
+            "(each repeatable)"
         )
     # Parse every model argument before any slow loading, so a typo fails at once.
     zero_shot_specs = [parse_zero_shot(z) for z in zero_shot]
@@ -206,6 +218,17 @@ def eval_command(
 
                 teacher = load_teacher(Path(path), device=device)
             yield teacher, {"kind": "teacher", "path": str(path)}
+        for path in student_dirs:
+            from kdprompt.models.student import StudentClassifier, load_student
+
+            student, cache = load_student(Path(path), device=device)
+            yield (
+                StudentClassifier(student, cache, name=f"student {Path(path).resolve().parent.name}"),
+                {
+                    "kind": "student",
+                    "path": str(path),
+                },
+            )
 
     data_info = {"data_source": data_cfg.source, "data": data_cfg.model_dump(mode="json")}
     results: list[dict[str, Any]] = []

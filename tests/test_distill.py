@@ -184,3 +184,29 @@ def test_compact_student_is_at_most_a_third_of_the_teacher():
     teacher = create_clip(ModelSpec(name="kd-tiny-teacher")).model.visual
     student = create_clip(ModelSpec(name="kd-tiny-student")).model.visual
     assert count_parameters(student) * 3 <= count_parameters(teacher)
+
+
+def test_eval_cli_reports_the_student_like_its_run(cli, tmp_path, trained):
+    assert cli("distill", "demo/distill-student", *distill_args(trained, tmp_path, "ev")).exit_code == 0
+    run = tmp_path / "runs" / "ev" / "student"
+    out = tmp_path / "eval"
+    teacher_data = [f"root={trained['world_root']}", *WORLD]
+    result = cli(
+        "eval",
+        "--teacher",
+        trained["teacher"],
+        "--student",
+        run,
+        "--out",
+        out,
+        "--device",
+        "cpu",
+        *teacher_data,
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "metrics.json").read_text())
+    assert [r["kind"] for r in rows] == ["teacher", "student"]
+    own = json.loads((run / "metrics.json").read_text())["eval"]
+    for mine, theirs in zip(rows, own, strict=True):
+        for key in ("base", "novel", "all", "hm"):
+            assert mine[key] == pytest.approx(theirs[key], abs=1e-6)
