@@ -140,6 +140,34 @@ def distill(recipe: str, overrides: tuple[str, ...], dry_run: bool) -> None:
     _run_recipe("distill", recipe, overrides, dry_run)
 
 
+# -------------------------------------------------------------------------------------------- bench
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks that print figures (images/s), for the notes of a change."""
+
+
+@bench.command("distill")
+@click.argument("recipe")
+@click.argument("overrides", nargs=-1)
+@click.option("--steps", type=click.IntRange(1), default=20, show_default=True, help="Timed steps per loop.")
+@user_errors
+def bench_distill_command(recipe: str, overrides: tuple[str, ...], steps: int) -> None:
+    """Distill-step throughput: cached teacher text features vs re-encoding them every batch.
+
+    RECIPE is a distill recipe (its teacher, cache, student and data); the second loop re-encodes the
+    teacher's class texts per batch as the PromptKD reference does. Prints images/s and the ratio.
+    """
+    import json
+
+    from kdprompt.bench import bench_distill
+    from kdprompt.config import DistillRecipe, load_recipe
+
+    figures = bench_distill(load_recipe(DistillRecipe, recipe, overrides), steps=steps)
+    click.echo(json.dumps(figures, indent=2))
+
+
 # -------------------------------------------------------------------------------------------- cache
 
 

@@ -210,3 +210,15 @@ def test_eval_cli_reports_the_student_like_its_run(cli, tmp_path, trained):
     for mine, theirs in zip(rows, own, strict=True):
         for key in ("base", "novel", "all", "hm"):
             assert mine[key] == pytest.approx(theirs[key], abs=1e-6)
+
+
+def test_bench_distill_prints_both_throughputs(cli, tmp_path, trained):
+    result = cli(
+        "bench", "distill", "demo/distill-student", *distill_args(trained, tmp_path, "b"), "--steps", "2"
+    )
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.output[result.output.index("{") :])
+    assert figures["cached_images_per_s"] > 0 and figures["recomputed_images_per_s"] > 0
+    assert figures["speedup"] == pytest.approx(
+        figures["cached_images_per_s"] / figures["recomputed_images_per_s"]
+    )
