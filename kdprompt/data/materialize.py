@@ -8,6 +8,7 @@ from pathlib import Path
 
 from kdprompt.data.shards import expand_urls, write_shards
 from kdprompt.data.sources import load_split
+from kdprompt.errors import KdpromptError
 
 
 def _fingerprint(cfg, split_name: str, samples) -> str:
@@ -21,17 +22,17 @@ def _fingerprint(cfg, split_name: str, samples) -> str:
 
 
 def shards_for(
-    cfg, split: str, shards_dir: Path, maxcount: int = 1000, image_format: str = "png"
+    cfg, split: str, shards_dir: Path, maxcount: int = 1000, image_format: str | None = None
 ) -> list[str]:
     """Shard URLs holding ``split`` of the source ``cfg``: the shards themselves for a ``shards`` source,
     else shards written (once, under ``shards_dir/<source>-<split>-<fingerprint>/``) from the split."""
     if cfg.source == "shards":
         pattern = getattr(cfg, split)
         if pattern is None:
-            from kdprompt.errors import KdpromptError
-
             raise KdpromptError(f"data.{split} is not set: give the shard pattern of the {split} split")
         return expand_urls(pattern)
+    # Photos keep their JPEG bytes (no re-encoding); the synthetic world stays lossless.
+    image_format = image_format or ("png" if cfg.source == "synthetic" else "jpg")
     data = load_split(cfg, split)
     out = Path(shards_dir) / f"{cfg.source}-{split}-{_fingerprint(cfg, split, data.samples)}"
     if not (out / "sizes.json").is_file():
