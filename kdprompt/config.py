@@ -28,10 +28,9 @@ RECIPES_ENV = "KDPROMPT_RECIPES_DIR"
 # --------------------------------------------------------------------------------------------- models
 
 
-class TrainConfig(StrictModel):
-    """Optimisation and loop settings shared by the training commands."""
+class LoopConfig(StrictModel):
+    """Loop settings every training command shares."""
 
-    batch_size: int = Field(default=128, ge=1, description="per-process batch size")
     epochs: int = Field(default=1, ge=1)
     max_steps: int | None = Field(default=None, ge=1, description="stop after this many optimizer steps")
     stop_after_steps: int | None = Field(
@@ -39,17 +38,23 @@ class TrainConfig(StrictModel):
         ge=1,
         description="end this invocation after N more steps (checkpointed), e.g. to fit a job slot; rerun to continue",
     )
-    lr: float = Field(default=5e-4, gt=0)
-    weight_decay: float = Field(default=0.1, ge=0)
-    warmup_steps: int = Field(default=0, ge=0)
-    grad_clip: float | None = Field(default=1.0, gt=0)
     num_workers: int = Field(default=0, ge=0, description="data-loading worker processes per rank")
-    shuffle_buffer: int = Field(default=1000, ge=0)
-    resampled: bool = Field(default=False, description="sample shards with replacement (infinite stream)")
     log_every: int = Field(default=10, ge=1)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         default="auto", description="auto: bf16 on a GPU that supports it, no on CPU"
     )
+
+
+class TrainConfig(LoopConfig):
+    """Optimisation of contrastive pre-training (AdamW, warm-up then cosine)."""
+
+    batch_size: int = Field(default=128, ge=1, description="per-process batch size")
+    lr: float = Field(default=5e-4, gt=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    shuffle_buffer: int = Field(default=1000, ge=0)
+    resampled: bool = Field(default=False, description="sample shards with replacement (infinite stream)")
 
 
 class CheckpointConfig(StrictModel):
@@ -150,25 +155,16 @@ class FewShotConfig(StrictModel):
     )
 
 
-class TeacherTrainConfig(StrictModel):
+class TeacherTrainConfig(LoopConfig):
     """Optimisation of the prompts (PromptSRC's base-to-novel defaults)."""
 
     batch_size: int = Field(default=4, ge=1, description="per-process batch size")
     epochs: int = Field(default=20, ge=1)
-    max_steps: int | None = Field(default=None, ge=1)
-    stop_after_steps: int | None = Field(
-        default=None,
-        ge=1,
-        description="end this invocation after N more steps (checkpointed), e.g. to fit a job slot; rerun to continue",
-    )
     lr: float = Field(default=0.0025, gt=0)
     momentum: float = Field(default=0.9, ge=0, lt=1)
     weight_decay: float = Field(default=5e-4, ge=0)
     warmup_epochs: int = Field(default=1, ge=0, description="epochs at the constant warm-up lr")
     warmup_lr: float = Field(default=1e-5, gt=0)
-    num_workers: int = Field(default=0, ge=0)
-    log_every: int = Field(default=10, ge=1)
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
 
 
 class TeacherRecipe(StrictModel):
@@ -254,28 +250,19 @@ class StudentConfig(StrictModel):
     )
 
 
-class DistillTrainConfig(StrictModel):
+class DistillTrainConfig(LoopConfig):
     """Optimisation of the student (PromptKD's defaults)."""
 
     batch_size: int = Field(default=8, ge=1, description="per-process batch size")
     epochs: int = Field(default=20, ge=1)
-    max_steps: int | None = Field(default=None, ge=1)
-    stop_after_steps: int | None = Field(
-        default=None,
-        ge=1,
-        description="end this invocation after N more steps (checkpointed), e.g. to fit a job slot; rerun to continue",
-    )
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(default=0.005, gt=0)
     momentum: float = Field(default=0.9, ge=0, lt=1)
     weight_decay: float = Field(default=5e-4, ge=0)
     warmup_epochs: int = Field(default=1, ge=0)
     warmup_lr: float = Field(default=1e-5, gt=0)
-    num_workers: int = Field(default=0, ge=0)
     shuffle_buffer: int = Field(default=1000, ge=0)
     resampled: bool = False
-    log_every: int = Field(default=10, ge=1)
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
 
 
 class DistillRecipe(StrictModel):

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from kdprompt.config import DistillRecipe, dump_recipe, recipe_fingerprint
 from kdprompt.data.materialize import shards_for
-from kdprompt.data.shards import batches_per_epoch_for, make_loader, read_sizes
+from kdprompt.data.shards import batches_per_epoch_for, read_sizes
 from kdprompt.errors import KdpromptError
 from kdprompt.io import write_json_atomic, write_text_atomic
 from kdprompt.train.checkpoint import (
@@ -31,7 +31,7 @@ from kdprompt.train.checkpoint import (
     save_checkpoint,
 )
 from kdprompt.train.metrics import MetricsLog, plot_curves
-from kdprompt.train.runtime import cosine_lr, make_accelerator, set_lr
+from kdprompt.train.runtime import cosine_lr, make_accelerator, set_lr, shard_epoch
 
 
 def run_dir_of(recipe: DistillRecipe) -> Path:
@@ -182,22 +182,17 @@ def run_distill(recipe: DistillRecipe) -> Path:
     module.train()
     while step < stop_at:
         epoch, skip = divmod(step, per_epoch)
-        loader = make_loader(
+        batches = shard_epoch(
             urls,
-            batch_size=cfg.batch_size,
-            transform=core.student.train_transform,
-            shuffle_buffer=cfg.shuffle_buffer,
+            cfg,
+            core.student.train_transform,
             seed=recipe.seed,
             epoch=epoch,
-            resampled=cfg.resampled,
+            skip=skip,
             batches_per_epoch=per_epoch,
-            num_workers=cfg.num_workers,
             rank=rank,
-            world_size=world,
+            world=world,
         )
-        batches = iter(loader)
-        for _ in range(skip):  # replay the data position of a resumed run
-            next(batches)
         if restored_rng is not None:
             restore_rng_on_resume(restored_rng, main, recipe.seed + 7919 * rank + step)
             restored_rng = None

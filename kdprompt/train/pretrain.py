@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from kdprompt.config import PretrainRecipe, ZeroShotEval, dump_recipe, recipe_fingerprint
 from kdprompt.data.materialize import shards_for
 from kdprompt.data.protocol import subsample_classes
-from kdprompt.data.shards import batches_per_epoch_for, make_loader, read_sizes
+from kdprompt.data.shards import batches_per_epoch_for, read_sizes
 from kdprompt.data.sources import load_split
 from kdprompt.errors import KdpromptError
 from kdprompt.evaluate import TEMPLATE_SETS, zero_shot_accuracy
@@ -30,7 +30,7 @@ from kdprompt.train.checkpoint import (
     save_checkpoint,
 )
 from kdprompt.train.metrics import MetricsLog, plot_curves
-from kdprompt.train.runtime import cosine_lr, decay_groups, make_accelerator, set_lr
+from kdprompt.train.runtime import cosine_lr, decay_groups, make_accelerator, set_lr, shard_epoch
 
 MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -122,22 +122,17 @@ def run_pretrain(recipe: PretrainRecipe) -> Path:
     model.train()
     while step < stop_at:
         epoch, skip = divmod(step, per_epoch)
-        loader = make_loader(
+        batches = shard_epoch(
             urls,
-            batch_size=cfg.batch_size,
-            transform=clip.preprocess_train,
-            shuffle_buffer=cfg.shuffle_buffer,
+            cfg,
+            clip.preprocess_train,
             seed=recipe.seed,
             epoch=epoch,
-            resampled=cfg.resampled,
+            skip=skip,
             batches_per_epoch=per_epoch,
-            num_workers=cfg.num_workers,
             rank=rank,
-            world_size=world,
+            world=world,
         )
-        batches = iter(loader)
-        for _ in range(skip):  # replay the data position of a resumed run
-            next(batches)
         if restored_rng is not None:
             # Restored after the replay so the next batch's augmentations match the interrupted run.
             restore_rng_on_resume(restored_rng, main, recipe.seed + 7919 * rank + step)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -61,3 +63,40 @@ def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         exclude = exclude or "embedding" in name or "class_embedding" in name
         (no_decay if exclude else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def shard_epoch(
+    urls: list[str],
+    cfg: Any,
+    transform: Any,
+    *,
+    seed: int,
+    epoch: int,
+    skip: int,
+    batches_per_epoch: int,
+    rank: int,
+    world: int,
+) -> Iterator[dict]:
+    """This rank's batches of ``epoch`` from the shards, positioned after ``skip`` batches (a resumed run).
+
+    ``cfg`` is a train config with ``batch_size``, ``shuffle_buffer``, ``resampled`` and ``num_workers``.
+    """
+    from kdprompt.data.shards import make_loader
+
+    loader = make_loader(
+        urls,
+        batch_size=cfg.batch_size,
+        transform=transform,
+        shuffle_buffer=cfg.shuffle_buffer,
+        seed=seed,
+        epoch=epoch,
+        resampled=cfg.resampled,
+        batches_per_epoch=batches_per_epoch,
+        num_workers=cfg.num_workers,
+        rank=rank,
+        world_size=world,
+    )
+    batches = iter(loader)
+    for _ in range(skip):  # replay the data position of a resumed run
+        next(batches)
+    return batches
