@@ -31,7 +31,14 @@ from kdprompt.train.checkpoint import (
     save_checkpoint,
 )
 from kdprompt.train.metrics import MetricsLog, plot_curves
-from kdprompt.train.runtime import cosine_lr, make_accelerator, set_lr, shard_epoch
+from kdprompt.train.runtime import (
+    cosine_lr,
+    ended_early,
+    make_accelerator,
+    set_lr,
+    shard_epoch,
+    write_data_record,
+)
 
 
 def run_dir_of(recipe: DistillRecipe) -> Path:
@@ -231,10 +238,7 @@ def run_distill(recipe: DistillRecipe) -> Path:
                 break
     bar.close()
     checkpoint()
-    if step < total_steps:
-        if main:
-            tqdm.write(f"stopped at step {step}/{total_steps} (train.stop_after_steps); run again to resume")
-        accelerator.end_training()
+    if ended_early(step, total_steps, accelerator):
         return run_dir
     if world > 1:
         # DDP keeps parameters equal but each rank's last forward updated its own BatchNorm statistics:
@@ -245,16 +249,7 @@ def run_distill(recipe: DistillRecipe) -> Path:
     digest = hashlib.sha256()
     for key, value in sorted(trainable().items()):
         digest.update(key.encode() + value.detach().cpu().contiguous().numpy().tobytes())
-    write_json_atomic(
-        run_dir / "data" / f"rank{rank}.json",
-        {
-            "rank": rank,
-            "world_size": world,
-            "shards": sorted(shards_read),
-            "weights_sha256": digest.hexdigest(),
-            **counters,
-        },
-    )
+    write_data_record(run_dir, rank, world, shards_read, counters, weights_sha256=digest.hexdigest())
     if main:
         _finish(recipe, core.student, teacher, cache, run_dir, step, world, counters)
     accelerator.wait_for_everyone()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -29,8 +28,16 @@ from kdprompt.train.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from kdprompt.train.metrics import MetricsLog, plot_curves
-from kdprompt.train.runtime import cosine_lr, decay_groups, make_accelerator, set_lr, shard_epoch
+from kdprompt.train.metrics import MetricsLog, plot_curves, read_jsonl
+from kdprompt.train.runtime import (
+    cosine_lr,
+    decay_groups,
+    ended_early,
+    make_accelerator,
+    set_lr,
+    shard_epoch,
+    write_data_record,
+)
 
 MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -180,19 +187,16 @@ def run_pretrain(recipe: PretrainRecipe) -> Path:
                 break
     bar.close()
     checkpoint()
-    if step < total_steps:
-        if main:
-            tqdm.write(f"stopped at step {step}/{total_steps} (train.stop_after_steps); run again to resume")
-        accelerator.end_training()
+    if ended_early(step, total_steps, accelerator):
         return run_dir
-    _write_data_record(run_dir, rank, world, shards_read, counters)
+    write_data_record(run_dir, rank, world, shards_read, counters)
     results: dict[str, Any] = {"steps": step, "world_size": world, "samples_per_epoch": n_samples}
     if main:
         final = accelerator.unwrap_model(model)
         save_clip_weights(final, run_dir / "model.safetensors")
         if recipe.export is not None:
             save_clip_weights(final, recipe.export)
-        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        rows = read_jsonl(run_dir / "metrics.jsonl")
         results["final_loss"] = rows[-1]["loss"] if rows else None
         results["corrupt_samples"] = rows[-1]["corrupt_samples"] if rows else 0
         final.eval()
@@ -207,11 +211,3 @@ def run_pretrain(recipe: PretrainRecipe) -> Path:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir
-
-
-def _write_data_record(run_dir: Path, rank: int, world: int, shards: set[str], counters: dict) -> None:
-    """Per-rank provenance: which shards this process read (ranks must read disjoint shards)."""
-    write_json_atomic(
-        run_dir / "data" / f"rank{rank}.json",
-        {"rank": rank, "world_size": world, "shards": sorted(shards), **counters},
-    )

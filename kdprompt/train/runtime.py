@@ -100,3 +100,27 @@ def shard_epoch(
     for _ in range(skip):  # replay the data position of a resumed run
         next(batches)
     return batches
+
+
+def ended_early(step: int, total_steps: int, accelerator: Accelerator) -> bool:
+    """True (after saying so and closing the trackers) when ``train.stop_after_steps`` ended the run early."""
+    if step >= total_steps:
+        return False
+    if accelerator.is_main_process:
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"stopped at step {step}/{total_steps} (train.stop_after_steps); run again to resume")
+    accelerator.end_training()
+    return True
+
+
+def write_data_record(
+    run_dir: Path, rank: int, world: int, shards: set[str], counters: dict, **extra: Any
+) -> None:
+    """Per-rank provenance ``data/rank<r>.json``: which shards this process read (ranks read disjoint shards)."""
+    from kdprompt.io import write_json_atomic
+
+    write_json_atomic(
+        Path(run_dir) / "data" / f"rank{rank}.json",
+        {"rank": rank, "world_size": world, "shards": sorted(shards), **extra, **counters},
+    )

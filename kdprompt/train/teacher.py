@@ -31,7 +31,7 @@ from kdprompt.train.checkpoint import (
     save_checkpoint,
 )
 from kdprompt.train.metrics import MetricsLog, plot_curves
-from kdprompt.train.runtime import cosine_lr, make_accelerator, set_lr
+from kdprompt.train.runtime import cosine_lr, ended_early, make_accelerator, set_lr
 
 
 def run_dir_of(recipe: TeacherRecipe) -> Path:
@@ -255,10 +255,7 @@ def run_teacher(recipe: TeacherRecipe) -> Path:
                 break
     bar.close()
     checkpoint(step % per_epoch == 0)
-    if step < total_steps:
-        if main:
-            tqdm.write(f"stopped at step {step}/{total_steps} (train.stop_after_steps); run again to resume")
-        accelerator.end_training()
+    if ended_early(step, total_steps, accelerator):
         return run_dir
 
     final, selected = _final_state(core, gpa, counters, best, recipe)
