@@ -6,3 +6,11 @@ text features alone.
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):  # lazy: `import kdprompt` stays light for the CLI
+    if name in ("load_bundle", "export_bundle", "Bundle", "Prediction"):
+        import kdprompt.bundle as bundle
+
+        return getattr(bundle, name)
+    raise AttributeError(f"module 'kdprompt' has no attribute {name!r}")

@@ -78,3 +78,78 @@ def accelerate_launch(args: list[str], processes: int = 2, timeout: int = 600) -
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+@pytest.fixture(scope="session")
+def student_run(tmp_path_factory, world_root, tiny_teacher_weights) -> dict:
+    """A tiny prompted student distilled from a tiny PromptSRC teacher, through the CLI (seconds).
+
+    Returns paths: ``root``, ``teacher``, ``cache``, ``student`` (runs/s/student), ``world_root``.
+    """
+    from click.testing import CliRunner
+
+    from kdprompt.cli import main
+    from kdprompt.models import ModelSpec, create_clip, save_clip_weights
+
+    root = tmp_path_factory.mktemp("student-run")
+    world = ["data.train_per_class=4", "data.test_per_class=2", "data.val_per_class=1"]
+    runner = CliRunner()
+    teacher_args = [
+        "teacher",
+        "demo/teacher-promptsrc",
+        "name=t",
+        f"output_dir={root / 'runs'}",
+        f"model.pretrained={tiny_teacher_weights}",
+        f"data.root={world_root}",
+        *world,
+        "fewshot.shots=2",
+        "train.batch_size=8",
+        "train.epochs=1",
+        "method.text_depth=2",
+        "method.vision_depth=2",
+        f"cache_dir={root / 'cache' / 't'}",
+        "evaluate=false",
+    ]
+    result = runner.invoke(main, teacher_args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    torch.manual_seed(1)
+    student_weights = root / "student-init.safetensors"
+    save_clip_weights(create_clip(ModelSpec(name="kd-tiny-student")).model, student_weights)
+    distill_args = [
+        "distill",
+        "demo/distill-student",
+        "name=s",
+        f"output_dir={root / 'runs'}",
+        f"teacher={root / 'runs' / 't' / 'teacher'}",
+        f"cache={root / 'cache' / 't'}",
+        f"student.model.pretrained={student_weights}",
+        "student.adaptation=prompts",
+        "student.depth=2",
+        f"data.root={world_root}",
+        *world,
+        f"shards_dir={root / 'shards'}",
+        "shard_maxcount=48",
+        "train.batch_size=16",
+        "train.epochs=1",
+        "train.shuffle_buffer=32",
+        "evaluate=false",
+    ]
+    result = runner.invoke(main, distill_args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return {
+        "root": root,
+        "teacher": root / "runs" / "t" / "teacher",
+        "cache": root / "cache" / "t",
+        "student": root / "runs" / "s" / "student",
+        "world_root": world_root,
+    }
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(student_run, tmp_path_factory):
+    """``kdprompt export`` of :func:`student_run`, with the ONNX graph."""
+    from kdprompt.bundle import export_bundle
+
+    out = tmp_path_factory.mktemp("bundle") / "bundle"
+    export_bundle(student_run["student"], out, onnx=True)
+    return out

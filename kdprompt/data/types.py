@@ -45,17 +45,27 @@ class Split:
         return len(self.samples)
 
 
+def decode_image(image: str | Path | bytes, what: str | None = None) -> Image.Image:
+    """Decode an image file or encoded bytes to an RGB PIL image, or raise a :class:`KdpromptError` naming it.
+
+    Args:
+        image: a path, or the encoded bytes (JPEG, PNG, ...).
+        what: how the image is named in errors (default: the path, or ``<bytes>``).
+    """
+    what = what or (str(image) if not isinstance(image, bytes) else "<bytes>")
+    try:
+        img = Image.open(io.BytesIO(image)) if isinstance(image, bytes) else Image.open(Path(image))
+        img.load()
+    except FileNotFoundError:
+        raise KdpromptError(f"image file not found: {what}") from None
+    except IsADirectoryError:
+        raise KdpromptError(f"{what} is a directory, not an image") from None
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
+        raise KdpromptError(f"cannot decode image {what}: {exc}") from None
+    return img.convert("RGB")
+
+
 def load_image(sample: Sample) -> Image.Image:
     """Decode ``sample.image`` to an RGB PIL image, or raise a :class:`KdpromptError` naming it."""
     what = sample.key or (sample.image if isinstance(sample.image, str) else "<bytes>")
-    try:
-        if isinstance(sample.image, bytes):
-            img = Image.open(io.BytesIO(sample.image))
-        else:
-            img = Image.open(Path(sample.image))
-        img.load()
-    except FileNotFoundError:
-        raise KdpromptError(f"image file not found: {what}; check the dataset root") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise KdpromptError(f"cannot decode image {what}: {exc}") from None
-    return img.convert("RGB")
+    return decode_image(sample.image, what)

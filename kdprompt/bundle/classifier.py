@@ -1,0 +1,344 @@
+"""Load a bundle and classify images with it: no teacher, no text tower, no network, no pickle."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from kdprompt.bundle.export import (
+    CACHE_DIR,
+    CONFIG_FILE,
+    ENCODER_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    ONNX_FILE,
+    PREPROCESS_FILE,
+    file_sha256,
+)
+from kdprompt.errors import KdpromptError
+
+ImageInput = str | Path | bytes | Image.Image | Tensor
+BACKENDS = ("torch", "onnx")
+
+
+@dataclass
+class Prediction:
+    """The top-k classes of one image.
+
+    Attributes:
+        labels: class names, most probable first.
+        probs: their probabilities (softmax over all the bundle's classes).
+        indices: their class indices.
+        source: the image's name (its path, or ``image[i]``).
+    """
+
+    labels: list[str]
+    probs: list[float]
+    indices: list[int]
+    source: str = ""
+
+    @property
+    def label(self) -> str:
+        """The most probable class."""
+        return self.labels[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """Read and check ``manifest.json`` of the bundle at ``path``.
+
+    Raises:
+        KdpromptError: not a bundle, unreadable, another format, or a newer format version.
+    """
+    path = Path(path)
+    file = path / MANIFEST_FILE
+    if not file.is_file():
+        hint = (
+            "; it is a student run: export it first with `kdprompt export RUN OUT`"
+            if (path / "student.json").is_file() or (path / "student" / "student.json").is_file()
+            else "; create one with `kdprompt export STUDENT_RUN OUT`"
+        )
+        raise KdpromptError(f"{path} is not a kdprompt bundle: {MANIFEST_FILE} is missing{hint}")
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise KdpromptError(f"{file} is not readable JSON ({e}); re-export the bundle") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise KdpromptError(f"{file} is not a {FORMAT} manifest; re-export the bundle")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise KdpromptError(
+            f"bundle {path} has format version {version}; this kdprompt reads up to {FORMAT_VERSION}: "
+            "upgrade kdprompt or re-export the bundle with this version"
+        )
+    return manifest
+
+
+def verify_files(path: Path, manifest: dict[str, Any]) -> None:
+    """Check every file listed in the manifest exists with its sha256.
+
+    Raises:
+        KdpromptError: names the missing or changed files.
+    """
+    missing, changed = [], []
+    for rel, digest in manifest.get("files", {}).items():
+        file = path / rel
+        if not file.is_file():
+            missing.append(rel)
+        elif file_sha256(file) != digest:
+            changed.append(rel)
+    if missing or changed:
+        parts = ([f"missing: {', '.join(missing)}"] if missing else []) + (
+            [f"changed since export: {', '.join(changed)}"] if changed else []
+        )
+        raise KdpromptError(
+            f"bundle {path} is damaged ({'; '.join(parts)}); re-export it with `kdprompt export`"
+        )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _build_transform(cfg: dict[str, Any]) -> Callable[[Image.Image], Tensor]:
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    cfg = {**cfg, "size": tuple(cfg["size"]), "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
+    return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+
+
+def _load_torch_encoder(path: Path, manifest: dict[str, Any]) -> torch.nn.Module:
+    from safetensors.torch import load_file
+
+    from kdprompt.bundle.encoder import ImageEncoder, build_projector, build_visual
+
+    model = manifest["model"]
+    state = load_file(str(path / ENCODER_FILE))
+    visual = build_visual(_read_json(path / CONFIG_FILE))
+    prompts = state.get("prompts")
+    encoder = ImageEncoder(visual, build_projector(model["projector"]), prompts)
+    try:
+        encoder.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise KdpromptError(f"{path / ENCODER_FILE} does not fit {path / CONFIG_FILE}: {e}") from e
+    return encoder.eval()
+
+
+class Bundle:
+    """A deployable student: image encoder + cached class text features.
+
+    Also an :class:`kdprompt.evaluate.ImageTextClassifier`, so ``kdprompt eval --bundle`` evaluates it.
+
+    Attributes:
+        path: the bundle directory.
+        manifest: its manifest.
+        cache: the text-feature cache (features, FAISS index, class names).
+        transform: PIL image -> preprocessed tensor.
+        name: report name.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        manifest: dict[str, Any],
+        encoder: Callable[[Tensor], Tensor],
+        cache: Any,
+        device: torch.device,
+    ) -> None:
+        self.path = Path(path)
+        self.manifest = manifest
+        self.encoder = encoder
+        self.cache = cache
+        self.device = device
+        self.transform = _build_transform(manifest["preprocess"])
+        self.name = f"bundle {manifest.get('name') or self.path.name}"
+        self._text = cache.features.to(device)
+
+    @property
+    def classnames(self) -> list[str]:
+        """The class names, in index order."""
+        return list(self.cache.classnames)
+
+    @property
+    def logit_scale(self) -> float:
+        """The teacher's (exponentiated) logit scale."""
+        return float(self.manifest["logit_scale"])
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        """(3, H, W) of a preprocessed image."""
+        c, h, w = self.manifest["model"]["input_size"]
+        return int(c), int(h), int(w)
+
+    def to(self, device: torch.device | str) -> Bundle:
+        """Move the (torch) encoder and class features to ``device``; returns self."""
+        self.device = torch.device(device)
+        if isinstance(self.encoder, torch.nn.Module):
+            self.encoder.to(self.device)
+        self._text = self.cache.features.to(self.device)
+        return self
+
+    # ---------------------------------------------------------------- ImageTextClassifier interface
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) preprocessed images -> (B, D) unit-norm features in the teacher's space."""
+        if isinstance(self.encoder, torch.nn.Module):
+            images = images.to(self.device)
+        return self.encoder(images).float()
+
+    def class_features(self, classnames: list[str]) -> Tensor:
+        """Cached text features of ``classnames`` (C x D)."""
+        return self.cache.subset(list(classnames)).features
+
+    # ---------------------------------------------------------------------------------- prediction
+
+    def preprocess(self, image: ImageInput, name: str = "image") -> Tensor:
+        """One image -> a (3, H, W) model input.
+
+        Args:
+            image: a path, encoded bytes, a PIL image, a uint8 (3, H, W) RGB tensor (preprocessed here)
+                or a float (3, H, W) tensor taken as already preprocessed.
+            name: how the image is named in errors.
+
+        Raises:
+            KdpromptError: unreadable image, or a tensor of the wrong shape.
+        """
+        from kdprompt.data.types import decode_image
+
+        if isinstance(image, Tensor):
+            if image.dtype == torch.uint8:
+                from torchvision.transforms.functional import to_pil_image
+
+                if image.dim() != 3 or image.shape[0] not in (1, 3):
+                    raise KdpromptError(
+                        f"{name}: a uint8 image tensor must be (3, H, W), got {tuple(image.shape)}"
+                    )
+                return self.transform(to_pil_image(image).convert("RGB"))
+            if tuple(image.shape) != self.input_size:
+                raise KdpromptError(
+                    f"{name}: a float tensor is taken as a preprocessed image of shape {self.input_size}, "
+                    f"got {tuple(image.shape)}; pass a PIL image or a path to have it preprocessed"
+                )
+            return image.float()
+        if isinstance(image, Image.Image):
+            return self.transform(image.convert("RGB"))
+        if isinstance(image, (str, Path, bytes)):
+            return self.transform(decode_image(image, None if isinstance(image, bytes) else str(image)))
+        raise KdpromptError(
+            f"{name}: cannot classify a {type(image).__name__}; give a path, bytes, PIL image or tensor"
+        )
+
+    @torch.no_grad()
+    def predict_tensor(
+        self, batch: Tensor, k: int = 5, sources: Sequence[str] | None = None
+    ) -> list[Prediction]:
+        """Top-``k`` predictions of a (B, 3, H, W) batch of preprocessed images."""
+        if k < 1:
+            raise KdpromptError(f"k must be at least 1, got {k}")
+        if batch.shape[0] == 0:
+            return []
+        feats = F.normalize(self.encode_images(batch).to(self._text.device), dim=-1)
+        probs = (self.logit_scale * feats @ self._text.T).softmax(dim=-1)
+        top = probs.topk(min(k, probs.shape[1]), dim=-1)
+        names = self.cache.classnames
+        out = []
+        for i in range(batch.shape[0]):
+            idx = top.indices[i].tolist()
+            out.append(
+                Prediction(
+                    labels=[names[j] for j in idx],
+                    probs=[float(p) for p in top.values[i].tolist()],
+                    indices=idx,
+                    source=sources[i] if sources is not None else f"image[{i}]",
+                )
+            )
+        return out
+
+    def predict(
+        self, images: ImageInput | Iterable[ImageInput], k: int = 5, batch_size: int = 64
+    ) -> list[Prediction]:
+        """Top-``k`` classes of each image.
+
+        Args:
+            images: one image or a sequence of them (paths, bytes, PIL images, tensors; see
+                :meth:`preprocess`), or a (B, 3, H, W) float tensor of preprocessed images.
+            k: classes per image.
+            batch_size: images per forward pass.
+
+        Returns:
+            One :class:`Prediction` per image, in order.
+
+        Raises:
+            KdpromptError: an image cannot be read (the message names it).
+        """
+        if isinstance(images, Tensor) and images.dim() == 4:
+            items: list[ImageInput] = list(images.unbind(0))
+        elif isinstance(images, (str, Path, bytes, Image.Image, Tensor)):
+            items = [images]
+        else:
+            items = list(images)
+        sources = [str(x) if isinstance(x, (str, Path)) else f"image[{i}]" for i, x in enumerate(items)]
+        out: list[Prediction] = []
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            names = sources[start : start + batch_size]
+            batch = torch.stack([self.preprocess(x, n) for x, n in zip(chunk, names, strict=True)])
+            out.extend(self.predict_tensor(batch, k, names))
+        return out
+
+
+def load_bundle(
+    path: str | Path, device: str | torch.device = "cpu", backend: str = "torch", verify: bool = True
+) -> Bundle:
+    """Load a bundle written by ``kdprompt export``.
+
+    Args:
+        path: the bundle directory.
+        device: where the torch encoder runs (``onnx`` runs on onnxruntime's CPU provider).
+        backend: ``torch`` (rebuild the open_clip tower) or ``onnx`` (``image_encoder.onnx`` on onnxruntime).
+        verify: check every file against the manifest's sha256.
+
+    Returns:
+        The :class:`Bundle`.
+
+    Raises:
+        KdpromptError: not a bundle, a damaged or newer-format bundle, or a missing ONNX file.
+    """
+    from kdprompt.cache import load_cache
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    if backend not in BACKENDS:
+        raise KdpromptError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if verify:
+        verify_files(path, manifest)
+    for needed in (ENCODER_FILE, CONFIG_FILE, PREPROCESS_FILE):
+        if not (path / needed).is_file():
+            raise KdpromptError(f"bundle {path} is incomplete: {needed} is missing; re-export it")
+    cache = load_cache(path / CACHE_DIR, expect_fingerprint=manifest["cache"]["teacher_fingerprint"])
+    device = torch.device(device)
+    if backend == "onnx":
+        if not (path / ONNX_FILE).is_file():
+            raise KdpromptError(
+                f"bundle {path} has no {ONNX_FILE}; re-export it with `kdprompt export RUN OUT --onnx`"
+            )
+        from kdprompt.bundle.onnx import OnnxImageEncoder
+
+        encoder: Callable[[Tensor], Tensor] = OnnxImageEncoder(path / ONNX_FILE)
+        device = torch.device("cpu")
+    else:
+        encoder = _load_torch_encoder(path, manifest).to(device)
+    return Bundle(path, manifest, encoder, cache, device)

@@ -1,0 +1,184 @@
+"""``kdprompt export``: a distilled student run -> a self-contained, pickle-free bundle directory.
+
+Layout (``FORMAT_VERSION`` 1)::
+
+    OUT/
+      manifest.json            format, versions, fingerprints, parameter counts, sha256 of every file
+      encoder.safetensors      the image encoder: ``visual.*``, ``prompts``, ``projector.*`` (BatchNorm folded)
+      open_clip_config.json    the open_clip model config the image tower is rebuilt from, offline
+      preprocess.json          image size, mean / std, interpolation, resize mode (open_clip PreprocessCfg)
+      cache/                   the teacher's text-feature cache: features, FAISS index, class names
+      image_encoder.onnx       with ``--onnx``: the same encoder as an ONNX graph
+
+The bundle is written beside OUT and renamed into place, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdprompt.errors import KdpromptError
+
+FORMAT = "kdprompt-student-bundle"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+ENCODER_FILE = "encoder.safetensors"
+CONFIG_FILE = "open_clip_config.json"
+PREPROCESS_FILE = "preprocess.json"
+CACHE_DIR = "cache"
+ONNX_FILE = "image_encoder.onnx"
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_student_dir(path: Path) -> Path:
+    """``runs/<name>`` or ``runs/<name>/student`` -> the directory holding ``student.json``."""
+    from kdprompt.models.student import STUDENT_FILE
+
+    path = Path(path)
+    for candidate in (path, path / "student"):
+        if (candidate / STUDENT_FILE).is_file():
+            return candidate
+    if (path / MANIFEST_FILE).is_file():
+        raise KdpromptError(f"{path} is already a bundle; export takes a student run (runs/<name>/student)")
+    raise KdpromptError(
+        f"{path} is not a student run: no {STUDENT_FILE} in it or in {path / 'student'}; "
+        "train one with `kdprompt distill RECIPE`"
+    )
+
+
+def _preprocess_config(transform_cfg: dict[str, Any]) -> dict[str, Any]:
+    cfg = dict(transform_cfg)
+    size = cfg.get("size")
+    cfg["size"] = list(size) if isinstance(size, (tuple, list)) else [int(size), int(size)]
+    cfg["mean"], cfg["std"] = list(cfg["mean"]), list(cfg["std"])
+    return cfg
+
+
+def _teacher_image_tower_parameters(student_meta: dict[str, Any]) -> int | None:
+    """Parameters of the teacher's image tower, counted on a randomly initialised copy (no weights needed)."""
+    import open_clip
+
+    from kdprompt.bundle.encoder import build_visual
+    from kdprompt.models.loading import resolve_model_name
+
+    teacher_json = Path(student_meta["teacher"]["path"]) / "teacher.json"
+    if not teacher_json.is_file():
+        return None
+    name = json.loads(teacher_json.read_text(encoding="utf-8"))["model"]["name"]
+    config = open_clip.get_model_config(resolve_model_name(name))
+    return sum(p.numel() for p in build_visual(config).parameters())
+
+
+def export_bundle(
+    student_run: Path, out: Path, *, onnx: bool = False, overwrite: bool = False, opset: int = 18
+) -> dict[str, Any]:
+    """Export a distilled student as a bundle directory.
+
+    Args:
+        student_run: ``runs/<name>`` or ``runs/<name>/student``.
+        out: the bundle directory to create.
+        onnx: also write ``image_encoder.onnx`` (checked against torch with onnxruntime).
+        overwrite: replace an existing ``out``.
+        opset: ONNX opset version.
+
+    Returns:
+        The bundle's manifest.
+
+    Raises:
+        KdpromptError: not a student run, a missing or stale cache, ``out`` exists without ``overwrite``,
+            or an ONNX graph that does not match torch.
+    """
+    from safetensors.torch import save_file
+
+    from kdprompt import __version__
+    from kdprompt.bundle.encoder import ImageEncoder, open_clip_config
+    from kdprompt.io import atomic_path
+    from kdprompt.models.student import STUDENT_FILE, STUDENT_WEIGHTS, load_student
+
+    student_dir = resolve_student_dir(student_run)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise KdpromptError(f"{out} already exists; choose another OUT or pass --overwrite to replace it")
+    if out.exists() and not (out / MANIFEST_FILE).is_file() and any(out.iterdir()):
+        raise KdpromptError(f"{out} exists and is not a bundle; refusing to replace it, choose another OUT")
+    meta = json.loads((student_dir / STUDENT_FILE).read_text(encoding="utf-8"))
+    student, cache = load_student(student_dir)
+    if cache.path is None:
+        raise KdpromptError(f"student {student_dir} has no cache directory to ship")
+    encoder, projector_specs = ImageEncoder.from_student(student)
+    config = open_clip_config(student.spec.name, encoder.visual)
+    preprocess = _preprocess_config(student.visual.preprocess_cfg)
+    size = preprocess["size"]
+    counts = encoder.parameter_counts()
+
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+        save_file(state, str(tmp / ENCODER_FILE), metadata={"format": FORMAT, "kdprompt": __version__})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        (tmp / PREPROCESS_FILE).write_text(json.dumps(preprocess, indent=2) + "\n", encoding="utf-8")
+        shutil.copytree(cache.path, tmp / CACHE_DIR)
+        onnx_info = None
+        if onnx:
+            from kdprompt.bundle.onnx import export_onnx
+
+            onnx_info = export_onnx(encoder, tmp / ONNX_FILE, image_size=(size[0], size[1]), opset=opset)
+        files = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "kdprompt_version": __version__,
+            "torch_version": torch.__version__.split("+")[0],
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "name": student_dir.resolve().parent.name,
+            "model": {
+                "name": student.spec.name,
+                "adaptation": meta["student"]["adaptation"],
+                "open_clip_config": CONFIG_FILE,
+                "prompts": None
+                if encoder.prompts is None
+                else {"depth": encoder.prompts.shape[0], "n_ctx": encoder.prompts.shape[1]},
+                "projector": projector_specs,
+                "embed_dim": cache.embed_dim,
+                "input_size": [3, size[0], size[1]],
+            },
+            "parameters": {**counts, "teacher_image_tower": _teacher_image_tower_parameters(meta)},
+            "preprocess": preprocess,
+            "logit_scale": cache.logit_scale,
+            "classes": {
+                "num_classes": cache.num_classes,
+                "classnames_sha256": cache.manifest["classnames_sha256"],
+            },
+            "teacher": {"fingerprint": meta["teacher"]["fingerprint"], "path": meta["teacher"]["path"]},
+            "cache": {
+                "dir": CACHE_DIR,
+                "teacher_fingerprint": cache.teacher_fingerprint,
+                "features_sha256": cache.manifest["features_sha256"],
+            },
+            "source": {
+                "student_run": str(student_dir),
+                "student_sha256": file_sha256(student_dir / STUDENT_WEIGHTS),
+            },
+            "fingerprint": hashlib.sha256(
+                (files[ENCODER_FILE] + cache.manifest["features_sha256"]).encode()
+            ).hexdigest(),
+            "onnx": onnx_info,
+            "files": files,
+        }
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return manifest
