@@ -25,7 +25,9 @@ def main() -> None:
       kdprompt teacher RECIPE    prompt-learn a teacher (PromptSRC / MaPLe), cache its class features
       kdprompt cache TEACHER     text-feature cache for another class list, no retraining
       kdprompt distill RECIPE    distill a compact student on unlabelled shards
-      kdprompt eval ...          base / novel / HM accuracy of zero-shot CLIPs and teachers
+      kdprompt eval ...          base / novel / HM accuracy of zero-shot CLIPs, teachers, students, bundles
+      kdprompt export RUN OUT    ship a distilled student as a bundle (safetensors, cache, optional ONNX)
+      kdprompt predict BUNDLE X  classify images with a bundle (table or JSON lines)
       kdprompt shards SRC OUT    write any data source's split as webdataset shards
       kdprompt demo              the pipeline on the built-in synthetic world, offline
 
@@ -337,13 +339,17 @@ def demo(out: Path, cache_dir: Path, quick: bool) -> None:
     run_demo(out=out, cache_dir=cache_dir, quick=quick)
 
 
-def _register_eval() -> None:
+def _register_commands() -> None:
+    """Commands kept in their own modules (they import nothing from this one at import time)."""
+    from kdprompt.bundle_cli import export_command, predict_command
     from kdprompt.eval_cli import eval_command
 
     main.add_command(eval_command, "eval")
+    main.add_command(export_command, "export")
+    main.add_command(predict_command, "predict")
 
 
-_register_eval()
+_register_commands()
 
 if __name__ == "__main__":
     main()

@@ -31,3 +31,18 @@ def echo_main(text: str) -> None:
     """Echo on the main process only (commands may run under ``accelerate launch``)."""
     if os.environ.get("RANK", "0") == "0":
         click.echo(text)
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; any other value must name a usable device."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise KdpromptError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise KdpromptError(f"--device {device}: CUDA is not available here; use --device cpu")
+    return device

@@ -11,10 +11,14 @@ from typing import Any
 
 import click
 
-from kdprompt.cli_common import user_errors
+from kdprompt.cli_common import resolve_device, user_errors
 from kdprompt.errors import KdpromptError
 
 DEFAULT_OUT = Path("runs/eval")
+
+
+def _data_dict(config: Any) -> dict[str, Any] | None:
+    return None if config is None else config.model_dump(mode="json")
 
 
 def parse_zero_shot(text: str) -> tuple[str, str | None]:
@@ -35,38 +39,24 @@ def _zero_shot_name(name: str, pretrained: str | None) -> str:
     return f"zero-shot {name}@{Path(pretrained).name}"
 
 
-def _resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; any other value must name a usable device."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        kind = torch.device(device).type
-    except (RuntimeError, ValueError):
-        raise KdpromptError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise KdpromptError(f"--device {device}: CUDA is not available here; use --device cpu")
-    return device
-
-
-def _resolve_data(data_src: str | None, overrides: tuple[str, ...], teachers: list[Any]) -> Any:
-    """The data config: from ``--data`` + overrides, else the first teacher's own (+ overrides)."""
+def _resolve_data(
+    data_src: str | None, overrides: tuple[str, ...], trained_on: dict[str, Any] | None, origin: str
+) -> Any:
+    """The data config: from ``--data`` + overrides, else the one a model records (+ overrides)."""
     from kdprompt.cli import _data_config
 
     if data_src is not None:
         return _data_config(data_src, overrides)
-    trained_on = teachers[0].data_config if teachers else None
     if trained_on is None:
-        where = " (the teacher does not record its data)" if teachers else ""
+        where = f" ({origin} does not record its data)" if origin else ""
         raise KdpromptError(
             f"give --data SRC{where}: a directory, a data YAML file, or a source name "
             "(folder, coop, shards, synthetic) with key=value overrides"
         )
     from kdprompt.config import DataSection, apply_overrides, validate_recipe
 
-    raw = apply_overrides(trained_on.model_dump(mode="json"), list(overrides))
-    return validate_recipe(DataSection, {"data": raw}, origin="the teacher's data config").data
+    raw = apply_overrides(dict(trained_on), list(overrides))
+    return validate_recipe(DataSection, {"data": raw}, origin=f"the data config of {origin}").data
 
 
 @click.command("eval", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -93,6 +83,14 @@ def _resolve_data(data_src: str | None, overrides: tuple[str, ...], teachers: li
     type=click.Path(file_okay=False, path_type=Path),
     metavar="DIR",
     help="A distilled student (runs/<name>/student), classifying with its cached text features; repeatable.",
+)
+@click.option(
+    "--bundle",
+    "bundle_dirs",
+    multiple=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    metavar="DIR",
+    help="A bundle from `kdprompt export`; repeatable.",
 )
 @click.option(
     "--data",
@@ -134,6 +132,7 @@ def eval_command(
     zero_shot: tuple[str, ...],
     teacher_dirs: tuple[Path, ...],
     student_dirs: tuple[Path, ...],
+    bundle_dirs: tuple[Path, ...],
     data_src: str | None,
     split: str,
     templates: str,
@@ -153,13 +152,15 @@ def eval_command(
                                       weights after '@' (a local file or an open_clip tag)
       --teacher DIR                   a trained teacher (runs/<name>/teacher)
       --student DIR                   a distilled student (runs/<name>/student), with its cached text features
+      --bundle DIR                    a bundle from `kdprompt export` (same accuracies as its student)
 
     \b
     Data: --data SRC plus OVERRIDES (key=value), where SRC is
       a directory            class-per-subfolder images (the `folder` source)
       a YAML file            a data config (a recipe's `data:` section, or a recipe with one)
       folder|coop|shards|synthetic   a source name, configured with OVERRIDES
-    Without --data, the first teacher's own data is used (OVERRIDES still apply).
+    Without --data, the first teacher's own data is used, else the data of the first bundle's teacher
+    (OVERRIDES still apply).
 
     \b
     Examples:
@@ -167,6 +168,7 @@ def eval_command(
           --data synthetic domain=downstream
       kdprompt eval --teacher runs/dtd/teacher --zero-shot ViT-B-16@openai
       kdprompt eval --teacher runs/dtd/teacher --student runs/dtd-kd/student
+      kdprompt eval --bundle runs/dtd-kd/bundle --student runs/dtd-kd/student
       kdprompt eval --teacher runs/dtd/teacher --data coop root=~/data dataset=dtd --split val
 
     Prints a Markdown table and writes OUT/metrics.json (one entry per model, with image and class
@@ -180,14 +182,14 @@ def eval_command(
     from kdprompt.models.loading import create_clip
     from kdprompt.models.spec import ModelSpec
 
-    if not zero_shot and not teacher_dirs and not student_dirs:
+    if not zero_shot and not teacher_dirs and not student_dirs and not bundle_dirs:
         raise KdpromptError(
-            "no model to evaluate: give --zero-shot MODEL[@PRETRAINED], --teacher DIR and/or --student DIR "
-            "(each repeatable)"
+            "no model to evaluate: give --zero-shot MODEL[@PRETRAINED], --teacher DIR, --student DIR "
+            "and/or --bundle DIR (each repeatable)"
         )
     # Parse every model argument before any slow loading, so a typo fails at once.
     zero_shot_specs = [parse_zero_shot(z) for z in zero_shot]
-    device = _resolve_device(device)
+    device = resolve_device(device)
 
     # Teachers are loaded one at a time (big models); only the first may be needed up front, for its data.
     first_teacher = None
@@ -195,7 +197,16 @@ def eval_command(
         from kdprompt.models.teacher import load_teacher
 
         first_teacher = load_teacher(Path(teacher_dirs[0]), device=device)
-    data_cfg = _resolve_data(data_src, overrides, [first_teacher] if first_teacher is not None else [])
+    if first_teacher is not None:
+        trained_on, origin = _data_dict(first_teacher.data_config), f"teacher {teacher_dirs[0]}"
+    elif bundle_dirs and data_src is None:
+        from kdprompt.bundle.classifier import read_manifest
+
+        trained_on = read_manifest(Path(bundle_dirs[0]))["teacher"].get("data")
+        origin = f"the teacher of bundle {bundle_dirs[0]}"
+    else:
+        trained_on, origin = None, ""
+    data_cfg = _resolve_data(data_src, overrides, trained_on, origin)
     data = load_split(data_cfg, split)
     click.echo(
         f"evaluating on {data_cfg.source} {split}: {len(data)} images, {len(data.classnames)} classes",
@@ -229,6 +240,10 @@ def eval_command(
                     "path": str(path),
                 },
             )
+        for path in bundle_dirs:
+            from kdprompt.bundle import load_bundle
+
+            yield load_bundle(Path(path), device=device), {"kind": "bundle", "path": str(path)}
 
     data_info = {"data_source": data_cfg.source, "data": data_cfg.model_dump(mode="json")}
     results: list[dict[str, Any]] = []

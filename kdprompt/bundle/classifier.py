@@ -236,7 +236,7 @@ class Bundle:
         if isinstance(image, Image.Image):
             return self.transform(image.convert("RGB"))
         if isinstance(image, (str, Path, bytes)):
-            return self.transform(decode_image(image, None if isinstance(image, bytes) else str(image)))
+            return self.transform(decode_image(image, name if isinstance(image, bytes) else str(image)))
         raise KdpromptError(
             f"{name}: cannot classify a {type(image).__name__}; give a path, bytes, PIL image or tensor"
         )

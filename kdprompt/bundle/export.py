@@ -69,18 +69,20 @@ def _preprocess_config(transform_cfg: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def _teacher_image_tower_parameters(student_meta: dict[str, Any]) -> int | None:
-    """Parameters of the teacher's image tower, counted on a randomly initialised copy (no weights needed)."""
+def _read_teacher_meta(student_meta: dict[str, Any]) -> dict[str, Any]:
+    """The teacher's ``teacher.json`` when it is still where the student run says, else ``{}``."""
+    teacher_json = Path(student_meta["teacher"]["path"]) / "teacher.json"
+    return json.loads(teacher_json.read_text(encoding="utf-8")) if teacher_json.is_file() else {}
+
+
+def _image_tower_parameters(model_name: str) -> int:
+    """Parameters of a model's image tower, counted on a randomly initialised copy (no weights needed)."""
     import open_clip
 
     from kdprompt.bundle.encoder import build_visual
     from kdprompt.models.loading import resolve_model_name
 
-    teacher_json = Path(student_meta["teacher"]["path"]) / "teacher.json"
-    if not teacher_json.is_file():
-        return None
-    name = json.loads(teacher_json.read_text(encoding="utf-8"))["model"]["name"]
-    config = open_clip.get_model_config(resolve_model_name(name))
+    config = open_clip.get_model_config(resolve_model_name(model_name))
     return sum(p.numel() for p in build_visual(config).parameters())
 
 
@@ -125,6 +127,8 @@ def export_bundle(
     preprocess = _preprocess_config(student.visual.preprocess_cfg)
     size = preprocess["size"]
     counts = encoder.parameter_counts()
+    teacher_meta = _read_teacher_meta(meta)
+    teacher_model = (teacher_meta.get("model") or {}).get("name")
 
     with atomic_path(out) as tmp:
         tmp.mkdir()
@@ -157,14 +161,23 @@ def export_bundle(
                 "embed_dim": cache.embed_dim,
                 "input_size": [3, size[0], size[1]],
             },
-            "parameters": {**counts, "teacher_image_tower": _teacher_image_tower_parameters(meta)},
+            "parameters": {
+                **counts,
+                "teacher_image_tower": _image_tower_parameters(teacher_model) if teacher_model else None,
+            },
             "preprocess": preprocess,
             "logit_scale": cache.logit_scale,
             "classes": {
                 "num_classes": cache.num_classes,
                 "classnames_sha256": cache.manifest["classnames_sha256"],
             },
-            "teacher": {"fingerprint": meta["teacher"]["fingerprint"], "path": meta["teacher"]["path"]},
+            "teacher": {
+                "fingerprint": meta["teacher"]["fingerprint"],
+                "path": meta["teacher"]["path"],
+                "model": teacher_model,
+                # lets `kdprompt eval --bundle` default to the data the teacher was trained on
+                "data": teacher_meta.get("data"),
+            },
             "cache": {
                 "dir": CACHE_DIR,
                 "teacher_fingerprint": cache.teacher_fingerprint,

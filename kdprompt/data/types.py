@@ -60,7 +60,11 @@ def decode_image(image: str | Path | bytes, what: str | None = None) -> Image.Im
         raise KdpromptError(f"image file not found: {what}") from None
     except IsADirectoryError:
         raise KdpromptError(f"{what} is a directory, not an image") from None
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError:
+        raise KdpromptError(
+            f"cannot decode image {what}: not an image format Pillow can read (e.g. JPEG, PNG, WebP)"
+        ) from None
+    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
         raise KdpromptError(f"cannot decode image {what}: {exc}") from None
     return img.convert("RGB")
 

@@ -1,0 +1,287 @@
+"""Ship the student: export a bundle, load it offline without a teacher or text tower, predict, eval, ONNX."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import kdprompt
+from kdprompt.bundle import load_bundle
+from kdprompt.bundle.encoder import (
+    ImageEncoder,
+    build_projector,
+    build_visual,
+    fold_projector,
+    open_clip_config,
+)
+from kdprompt.config import StudentConfig
+from kdprompt.data.sources import load_split
+from kdprompt.errors import KdpromptError
+from kdprompt.evaluate import evaluate_base_novel
+from kdprompt.models import ModelSpec, create_clip
+from kdprompt.models.student import MLPProjector, Student, StudentClassifier, load_student
+
+pytestmark = pytest.mark.slow
+
+
+def _test_split(student_run):
+    from kdprompt.models.teacher import load_teacher
+
+    return load_split(load_teacher(student_run["teacher"]).data_config, "test")
+
+
+def test_bundle_files_and_manifest(bundle_dir, student_run):
+    files = sorted(str(p.relative_to(bundle_dir)) for p in bundle_dir.rglob("*") if p.is_file())
+    assert files == [
+        "cache/index.faiss",
+        "cache/manifest.json",
+        "cache/text_features.safetensors",
+        "encoder.safetensors",
+        "image_encoder.onnx",
+        "manifest.json",
+        "open_clip_config.json",
+        "preprocess.json",
+    ]
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    assert manifest["format"] == "kdprompt-student-bundle" and manifest["format_version"] == 1
+    assert manifest["kdprompt_version"] == kdprompt.__version__
+    params = manifest["parameters"]
+    assert params["total"] == params["image_tower"] + params["prompts"] + params["projector"]
+    assert params["prompts"] > 0  # the fixture's student is prompted: prompts are folded in
+    assert 0 < params["image_tower"] < params["teacher_image_tower"]
+    assert manifest["model"]["projector"] == [
+        {"type": "linear", "in": 64, "out": 128},
+        {"type": "relu"},
+        {"type": "linear", "in": 128, "out": 128},
+    ]
+    assert manifest["preprocess"]["size"] == [32, 32] and manifest["preprocess"]["interpolation"] == "bicubic"
+    student_meta = json.loads((student_run["student"] / "student.json").read_text())
+    assert manifest["teacher"]["fingerprint"] == student_meta["teacher"]["fingerprint"]
+    assert manifest["cache"]["teacher_fingerprint"] == student_meta["cache"]["teacher_fingerprint"]
+    assert manifest["onnx"]["max_abs_diff"] <= 1e-4
+    assert set(manifest["files"]) == set(files) - {"manifest.json"}
+    assert json.loads((bundle_dir / "open_clip_config.json").read_text())["vision_cfg"]["width"] == 64
+
+
+def test_bundle_loads_without_teacher_text_tower_network_or_pickle(bundle_dir, tmp_path, monkeypatch):
+    import open_clip
+
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(bundle_dir, moved)
+
+    def forbidden(what):
+        def fail(*args, **kwargs):
+            raise AssertionError(f"loading a bundle called {what}")
+
+        return fail
+
+    monkeypatch.setattr(torch, "load", forbidden("torch.load (pickle)"))
+    monkeypatch.setattr(open_clip.model.CLIP, "__init__", forbidden("CLIP (a text tower)"))
+    monkeypatch.setattr(open_clip.transformer.TextTransformer, "__init__", forbidden("a text tower"))
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", forbidden("open_clip.create_model"))
+    monkeypatch.setattr("kdprompt.models.teacher.load_teacher", forbidden("the teacher"))
+    monkeypatch.setattr("socket.socket.connect", forbidden("the network"))
+    bundle = kdprompt.load_bundle(moved)
+    assert len(bundle.classnames) == 48
+    assert bundle.predict(torch.zeros(3, 32, 32), k=3)[0].labels
+
+
+def test_bundle_agrees_with_the_student_run(bundle_dir, student_run):
+    split = _test_split(student_run)
+    student, cache = load_student(student_run["student"])
+    classifier = StudentClassifier(student, cache)
+    bundle = load_bundle(bundle_dir)
+    paths = [s.image for s in split.samples]
+    with torch.no_grad():
+        batch = torch.stack([bundle.transform(Image.open(p).convert("RGB")) for p in paths])
+        student_logits = cache.logits(classifier.encode_images(batch))
+    predictions = bundle.predict(paths, k=5, batch_size=32)
+    assert [p.indices[0] for p in predictions] == student_logits.argmax(-1).tolist()  # 100% agreement
+    top = student_logits.softmax(-1).topk(5)
+    assert torch.allclose(torch.tensor([p.probs for p in predictions]), top.values, atol=1e-5)
+    assert predictions[0].source == paths[0]
+    assert evaluate_base_novel(bundle, split) == {
+        **evaluate_base_novel(classifier, split),
+        "model": bundle.name,
+    }
+
+
+def test_eval_cli_gives_the_bundle_the_accuracies_of_its_run(cli, bundle_dir, student_run, tmp_path):
+    result = cli("eval", "--student", student_run["student"], "--bundle", bundle_dir, "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    student, bundle = json.loads((tmp_path / "metrics.json").read_text())
+    assert bundle["kind"] == "bundle" and bundle["n_all"] == student["n_all"] > 0
+    for key in ("base", "novel", "hm", "all"):
+        assert bundle[key] == student[key]
+
+
+def test_onnx_features_match_torch(bundle_dir, student_run):
+    split = _test_split(student_run)
+    torch_bundle, onnx_bundle = load_bundle(bundle_dir), load_bundle(bundle_dir, backend="onnx")
+    images = torch.stack([torch_bundle.preprocess(s.image) for s in split.samples[:7]])
+    for batch in (images[:1], images):  # the batch axis is dynamic
+        expected = torch_bundle.encode_images(batch)
+        assert (onnx_bundle.encode_images(batch) - expected).abs().max() <= 1e-4
+    assert [p.labels for p in onnx_bundle.predict(images)] == [p.labels for p in torch_bundle.predict(images)]
+
+
+def test_predict_accepts_paths_bytes_pil_and_tensors(bundle_dir, student_run):
+    from torchvision.transforms.functional import pil_to_tensor
+
+    bundle = load_bundle(bundle_dir)
+    path = Path(_test_split(student_run).samples[0].image)
+    pil = Image.open(path).convert("RGB")
+    inputs = [path, str(path), path.read_bytes(), pil, pil_to_tensor(pil), bundle.transform(pil)]
+    predictions = bundle.predict(inputs, k=3)
+    assert len({tuple(p.labels) for p in predictions}) == 1
+    assert all(np.allclose(p.probs, predictions[0].probs, atol=1e-6) for p in predictions)
+    assert len(bundle.predict(pil, k=100)[0].labels) == 48  # k is capped at the number of classes
+    batch = torch.stack([bundle.transform(pil)] * 2)
+    assert len(bundle.predict(batch)) == 2
+    with pytest.raises(KdpromptError, match="cannot decode image image"):
+        bundle.predict([b"not an image"])
+    with pytest.raises(KdpromptError, match="preprocessed image of shape"):
+        bundle.predict(torch.zeros(3, 16, 16))
+    with pytest.raises(KdpromptError, match="k must be at least 1"):
+        bundle.predict(pil, k=0)
+
+
+def test_predict_cli_skips_non_images_by_name(cli, bundle_dir, student_run, tmp_path):
+    split = _test_split(student_run)
+    folder = tmp_path / "photos"
+    (folder / "nested").mkdir(parents=True)
+    for i, sample in enumerate(split.samples[:3]):
+        shutil.copy(sample.image, folder / ("nested" if i else "") / f"img{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    result = cli("predict", bundle_dir, folder, "--k", "2", "--json")
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    errors = {Path(x["image"]).name: x["error"] for x in lines if "error" in x}
+    assert set(errors) == {"notes.txt", "broken.jpg"} and "notes.txt: not an image" in errors["notes.txt"]
+    predicted = [x for x in lines if "labels" in x]
+    assert len(predicted) == 3 and all(len(x["labels"]) == 2 for x in predicted)
+    expected = load_bundle(bundle_dir).predict([x["image"] for x in predicted], k=2)
+    assert [x["labels"] for x in predicted] == [p.labels for p in expected]
+    assert "skipped: cannot decode image" in result.stderr
+
+    table = cli("predict", bundle_dir, folder / "img0.png")
+    assert table.exit_code == 0 and "| image | top-1 |" in table.stdout and "img0.png" in table.stdout
+    none = cli("predict", bundle_dir, folder / "notes.txt")
+    assert none.exit_code == 2 and "none of the 1 file(s)" in none.output
+    missing = cli("predict", bundle_dir, tmp_path / "nope.png")
+    assert missing.exit_code == 2 and "nope.png does not exist" in missing.output
+
+
+def test_export_cli_refuses_to_overwrite_and_stays_atomic(cli, student_run, tmp_path, monkeypatch):
+    out = tmp_path / "bundle"
+    first = cli("export", student_run["student"].parent, out)
+    assert first.exit_code == 0, first.output
+    assert "parameters:" in first.output and "kdprompt predict" in first.output
+    before = (out / "manifest.json").read_text()
+    again = cli("export", student_run["student"], out)
+    assert again.exit_code == 2 and "--overwrite" in again.output
+    # A failure half-way through an overwrite leaves the old bundle as it was, and no temporary behind.
+    import kdprompt.bundle.onnx as onnx_module
+
+    def broken(*args, **kwargs):
+        raise KdpromptError("simulated ONNX failure")
+
+    monkeypatch.setattr(onnx_module, "export_onnx", broken)
+    failed = cli("export", student_run["student"], out, "--onnx", "--overwrite")
+    assert failed.exit_code == 2 and "simulated ONNX failure" in failed.output
+    assert (out / "manifest.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+    not_run = cli("export", tmp_path, tmp_path / "b2")
+    assert not_run.exit_code == 2 and "not a student run" in not_run.output
+
+
+def test_damaged_or_foreign_bundles_are_refused_with_the_fix(bundle_dir, student_run, tmp_path):
+    with pytest.raises(KdpromptError, match="it is a student run: export it first"):
+        load_bundle(student_run["student"])
+    copy = tmp_path / "b"
+    shutil.copytree(bundle_dir, copy)
+    (copy / "encoder.safetensors").write_bytes((copy / "encoder.safetensors").read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(KdpromptError, match=r"changed since export: encoder.safetensors.*kdprompt export"):
+        load_bundle(copy)
+    (copy / "cache" / "index.faiss").unlink()
+    with pytest.raises(KdpromptError, match=r"missing: cache/index.faiss"):
+        load_bundle(copy)
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    with pytest.raises(KdpromptError, match=r"format version 99.*upgrade kdprompt"):
+        load_bundle(copy)
+    shutil.rmtree(copy)
+    shutil.copytree(bundle_dir, copy)
+    (copy / "image_encoder.onnx").unlink()
+    manifest["files"].pop("image_encoder.onnx")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(KdpromptError, match=r"export RUN OUT --onnx"):
+        load_bundle(copy, backend="onnx")
+
+
+def test_folding_the_projector_batchnorm_keeps_its_output():
+    torch.manual_seed(0)
+    projector = MLPProjector(16, 32)
+    bn = projector[1]
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2.0)
+    bn.weight.data.normal_()
+    bn.bias.data.normal_()
+    projector.eval()
+    folded, specs = fold_projector(projector)
+    x = torch.randn(5, 16)
+    assert torch.allclose(folded(x), projector(x), atol=1e-5)
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in folded.modules())
+    rebuilt = build_projector(specs)
+    rebuilt.load_state_dict(folded.state_dict())
+    assert torch.equal(rebuilt(x), folded(x))
+
+
+@pytest.mark.parametrize("adaptation", ["prompts", "full", "projector"])
+def test_encoder_equals_the_student_for_every_adaptation(adaptation):
+    torch.manual_seed(0)
+    clip = create_clip(ModelSpec(name="kd-tiny-student"))
+    cfg = StudentConfig(model=ModelSpec(name="kd-tiny-student"), adaptation=adaptation, depth=2, n_ctx=3)
+    student = Student(clip, cfg, out_dim=128)
+    student.train()
+    student(torch.randn(8, 3, 32, 32))  # give the BatchNorm running statistics to fold
+    student.eval()
+    encoder, specs = ImageEncoder.from_student(student)
+    # What load_bundle does: rebuild from the open_clip config alone, then load the weights.
+    rebuilt = ImageEncoder(
+        build_visual(open_clip_config("kd-tiny-student", encoder.visual)),
+        build_projector(specs),
+        encoder.prompts.detach() if encoder.prompts is not None else None,
+    )
+    rebuilt.load_state_dict(encoder.state_dict(), strict=True)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(rebuilt.eval()(x), student(x), atol=1e-5)
+    assert (encoder.prompts is not None) == (adaptation == "prompts")
+
+
+def test_open_clip_config_rebuilds_a_real_architecture_and_records_quick_gelu():
+    clip = create_clip(ModelSpec(name="ViT-B-32"))
+    config = open_clip_config("ViT-B-32", clip.model.visual)
+    assert config["quick_gelu"] is False
+    rebuilt = build_visual(config)
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
+        k: v.shape for k, v in clip.model.visual.state_dict().items()
+    }
+    with pytest.raises(KdpromptError, match="lacks vision_cfg"):
+        build_visual({"embed_dim": 512})
+
+
+def test_bundle_predict_bytes_from_memory(bundle_dir):
+    buffer = io.BytesIO()
+    Image.new("RGB", (50, 40), (200, 30, 30)).save(buffer, format="JPEG")
+    prediction = load_bundle(bundle_dir).predict(buffer.getvalue(), k=1)[0]
+    assert prediction.source == "image[0]" and 0 < prediction.probs[0] <= 1
