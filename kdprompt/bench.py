@@ -1,14 +1,20 @@
-"""Benchmarks that print numbers (never timed tests): ``kdprompt bench distill``.
+"""Benchmarks that print numbers (never timed tests): ``kdprompt bench distill`` and ``bench predict``.
 
 ``distill`` times the distillation step as kdprompt runs it (teacher class text features read from
 the cache once) against the PromptKD reference's loop, which re-encodes the teacher's class texts
 through the prompted text tower on every batch. Both loops see the same preloaded batches, so data
 loading is not measured.
+
+``predict`` classifies the same preprocessed images with a bundle (student image encoder + cached
+class features) and with the teacher it came from (prompted image tower, its class features
+computed once before timing), so the ratio is the deployment speed-up of distillation.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -81,3 +87,99 @@ def bench_distill(recipe: DistillRecipe, steps: int = 20, warmup: int = 3) -> di
         "recomputed_images_per_s": recomputed,
         "speedup": cached / recomputed,
     }
+
+
+def _images_per_s(
+    classify: Callable[[torch.Tensor], Any], batches: list[torch.Tensor], repeats: int
+) -> float:
+    """Best of ``repeats`` passes over ``batches`` (after one warm-up batch), in images/s."""
+    classify(batches[0])
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for batch in batches:
+            classify(batch)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return sum(b.shape[0] for b in batches) / best
+
+
+def _sample_images(teacher: Any, count: int) -> list[Any]:
+    """Up to ``count`` PIL images of the teacher's test split, else coloured noise."""
+    from PIL import Image
+
+    from kdprompt.data.sources import load_split
+    from kdprompt.data.types import load_image
+
+    if teacher.data_config is not None:
+        samples = load_split(teacher.data_config, "test").samples
+        if samples:
+            return [load_image(samples[i % len(samples)]) for i in range(count)]
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randint(0, 256, (count, 64, 64, 3), dtype=torch.uint8, generator=generator)
+    return [Image.fromarray(a.numpy()) for a in noise]
+
+
+@torch.no_grad()
+def bench_predict(
+    bundle_dir: Path,
+    teacher_dir: Path | None = None,
+    images: int = 512,
+    batch_size: int = 64,
+    repeats: int = 3,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Top-5 classification images/s of a bundle vs its teacher on the same images; returns the figures."""
+    import torch.nn.functional as F
+
+    from kdprompt.bundle import load_bundle
+    from kdprompt.bundle.export import ONNX_FILE
+    from kdprompt.errors import KdpromptError
+    from kdprompt.models.teacher import load_teacher
+
+    bundle = load_bundle(bundle_dir, device=device)
+    teacher_dir = Path(teacher_dir or bundle.manifest["teacher"]["path"])
+    if not (teacher_dir / "teacher.json").is_file():
+        raise KdpromptError(f"no teacher at {teacher_dir}; pass --teacher runs/<name>/teacher")
+    teacher = load_teacher(teacher_dir, device=device).eval()
+    pil = _sample_images(teacher, images)
+    start = time.perf_counter()
+    bundle_inputs = torch.stack([bundle.transform(im) for im in pil])
+    preprocess_per_s = len(pil) / (time.perf_counter() - start)
+    teacher_inputs = torch.stack([teacher.transform(im) for im in pil])
+
+    def split(x: torch.Tensor) -> list[torch.Tensor]:
+        return [b.to(device) for b in x.split(batch_size)]
+
+    text = F.normalize(teacher.class_features(bundle.classnames).float(), dim=-1)
+
+    def teacher_classify(batch: torch.Tensor) -> Any:
+        feats = F.normalize(teacher.encode_images(batch).float(), dim=-1)
+        return (teacher.logit_scale * feats @ text.T).softmax(-1).topk(5)
+
+    figures: dict[str, Any] = {
+        "device": device,
+        "images": len(pil),
+        "batch_size": batch_size,
+        "threads": torch.get_num_threads(),
+        "bundle_images_per_s": _images_per_s(
+            lambda b: bundle.predict_tensor(b, 5), split(bundle_inputs), repeats
+        ),
+        "teacher_images_per_s": _images_per_s(teacher_classify, split(teacher_inputs), repeats),
+    }
+    figures["speedup"] = figures["bundle_images_per_s"] / figures["teacher_images_per_s"]
+    if (Path(bundle_dir) / ONNX_FILE).is_file():
+        onnx = load_bundle(bundle_dir, backend="onnx", verify=False)
+        figures["bundle_onnx_images_per_s"] = _images_per_s(
+            lambda b: onnx.predict_tensor(b, 5), split(bundle_inputs.cpu()), repeats
+        )
+    params = bundle.manifest["parameters"]
+    figures.update(
+        preprocess_images_per_s=preprocess_per_s,
+        student_image_tower_parameters=params["image_tower"],
+        student_encoder_parameters=params["total"],
+        teacher_image_tower_parameters=sum(p.numel() for p in teacher.clip_model.visual.parameters()),
+        bundle_bytes=sum(p.stat().st_size for p in Path(bundle_dir).rglob("*") if p.is_file()),
+    )
+    return figures

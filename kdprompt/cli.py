@@ -170,6 +170,49 @@ def bench_distill_command(recipe: str, overrides: tuple[str, ...], steps: int) -
     click.echo(json.dumps(figures, indent=2))
 
 
+@bench.command("predict")
+@click.argument("bundle_dir", metavar="BUNDLE", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--teacher",
+    "teacher_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Teacher to compare with (default: the one the bundle's manifest names).",
+)
+@click.option(
+    "--images", type=click.IntRange(1), default=512, show_default=True, help="Images classified per pass."
+)
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Images per batch.")
+@click.option(
+    "--repeats", type=click.IntRange(1), default=3, show_default=True, help="Timed passes (best kept)."
+)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@user_errors
+def bench_predict_command(
+    bundle_dir: Path, teacher_dir: Path | None, images: int, batch_size: int, repeats: int, device: str
+) -> None:
+    """Classification images/s of a BUNDLE vs its teacher on the same images, and their sizes.
+
+    Both classify the same preprocessed images (the teacher's test split when it records its data)
+    to top-5; the teacher's class features are computed once, before timing. Prints JSON: images/s of
+    the bundle (torch, and ONNX when exported), of the teacher, their ratio, parameters and bundle bytes.
+    """
+    import json
+
+    from kdprompt.bench import bench_predict
+    from kdprompt.cli_common import resolve_device
+
+    figures = bench_predict(
+        bundle_dir,
+        teacher_dir,
+        images=images,
+        batch_size=batch_size,
+        repeats=repeats,
+        device=resolve_device(device),
+    )
+    click.echo(json.dumps(figures, indent=2))
+
+
 # -------------------------------------------------------------------------------------------- cache
 
 

@@ -176,6 +176,7 @@ def _student_stage(out: Path, cache_dir: Path, quick: bool, demo_dir: Path, weig
         ("promptsrc teacher", teacher, count_parameters(teacher.clip_model.visual)),
         ("zero-shot student", zero_shot_student, student.image_tower_parameters()),
         ("distilled student", StudentClassifier(student, cache), student.image_tower_parameters()),
+        ("student bundle", *_export_bundle(run_dir_of(recipe), demo_dir / "bundle")),
     ]
     rows = []
     for label, clf, params in models:
@@ -185,6 +186,18 @@ def _student_stage(out: Path, cache_dir: Path, quick: bool, demo_dir: Path, weig
         )
         rows.append(row)
     return rows
+
+
+def _export_bundle(student_run: Path, out: Path) -> tuple[object, int]:
+    """Ship the distilled student as a bundle (with ONNX when the onnx extra is installed); load it back."""
+    import importlib.util
+
+    from kdprompt.bundle import export_bundle, load_bundle
+
+    onnx = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript", "onnxruntime"))
+    click.echo(f"\n== export the student as a deployable bundle: {out}")
+    manifest = export_bundle(student_run, out, onnx=onnx, overwrite=True)
+    return load_bundle(out), manifest["parameters"]["image_tower"]
 
 
 def _bar_chart(rows: list[dict], png: Path) -> None:
@@ -238,4 +251,7 @@ def run_demo(out: Path, cache_dir: Path, quick: bool = False) -> Path:
     _bar_chart(final_rows, demo_dir / "summary.png")
     click.echo("\n" + text)
     click.echo(f"written: {demo_dir / 'summary.md'} (+ summary.json, summary.png)")
+    click.echo(
+        f"next: kdprompt predict {demo_dir / 'bundle'} IMAGE_OR_DIR... | kdprompt serve {demo_dir / 'bundle'}"
+    )
     return demo_dir

@@ -31,9 +31,15 @@ def test_quick_demo_runs_and_reuses_pretrained_models(cli, tmp_path):
         "promptsrc teacher",
         "zero-shot student",
         "distilled student",
+        "student bundle",
     ]
     assert all(r["images_per_s"] > 0 and r["image_tower_params"] > 0 for r in final)
     assert final[3]["image_tower_params"] * 3 <= final[1]["image_tower_params"]
+    # The shipped bundle classifies exactly as the student it was exported from.
+    assert {k: final[4][k] for k in ("base", "novel", "hm")} == {
+        k: final[3][k] for k in ("base", "novel", "hm")
+    }
+    assert (out / "demo-quick" / "bundle" / "manifest.json").is_file()
     assert (out / "demo-quick" / "summary.png").stat().st_size > 1000
     assert (cache / "pretrained" / "kd-tiny-teacher-synthetic-quick.safetensors").is_file()
     assert "| model |" in (out / "demo-quick" / "summary.md").read_text()

@@ -22,9 +22,9 @@ from kdprompt.bundle.export import (
     MANIFEST_FILE,
     ONNX_FILE,
     PREPROCESS_FILE,
-    file_sha256,
 )
 from kdprompt.errors import KdpromptError
+from kdprompt.io import file_sha256
 
 ImageInput = str | Path | bytes | Image.Image | Tensor
 BACKENDS = ("torch", "onnx")

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from kdprompt.errors import KdpromptError
+from kdprompt.io import file_sha256
 
 FORMAT = "kdprompt-student-bundle"
 FORMAT_VERSION = 1
@@ -34,15 +35,6 @@ CONFIG_FILE = "open_clip_config.json"
 PREPROCESS_FILE = "preprocess.json"
 CACHE_DIR = "cache"
 ONNX_FILE = "image_encoder.onnx"
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def resolve_student_dir(path: Path) -> Path:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from kdprompt import __version__
 from kdprompt.errors import KdpromptError
-from kdprompt.io import atomic_write, write_json_atomic
+from kdprompt.io import atomic_write, file_sha256, write_json_atomic
 from kdprompt.models.loading import LoadedClip, create_clip
 from kdprompt.models.prompting import PROMPT_METHODS
 from kdprompt.models.spec import ModelSpec
@@ -30,15 +30,6 @@ from kdprompt.models.towers import AppendPrompts, PromptedTextTower, PromptedVis
 TEACHER_FORMAT_VERSION = 1
 PROMPTS_FILE = "prompts.safetensors"
 TEACHER_FILE = "teacher.json"
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes (streamed)."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def model_identity(spec: ModelSpec) -> dict[str, Any]:
