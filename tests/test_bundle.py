@@ -285,3 +285,24 @@ def test_bundle_predict_bytes_from_memory(bundle_dir):
     Image.new("RGB", (50, 40), (200, 30, 30)).save(buffer, format="JPEG")
     prediction = load_bundle(bundle_dir).predict(buffer.getvalue(), k=1)[0]
     assert prediction.source == "image[0]" and 0 < prediction.probs[0] <= 1
+
+
+def test_bench_predict_prints_bundle_and_teacher_throughput(cli, bundle_dir, student_run):
+    result = cli(
+        "bench",
+        "predict",
+        bundle_dir,
+        "--teacher",
+        student_run["teacher"],
+        "--images",
+        "16",
+        "--repeats",
+        "1",
+    )
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout[result.stdout.index("{") :])
+    assert figures["images"] == 16
+    for key in ("bundle_images_per_s", "teacher_images_per_s", "bundle_onnx_images_per_s", "speedup"):
+        assert figures[key] > 0
+    assert figures["student_image_tower_parameters"] < figures["teacher_image_tower_parameters"]
+    assert figures["bundle_bytes"] == sum(p.stat().st_size for p in bundle_dir.rglob("*") if p.is_file())
