@@ -28,6 +28,7 @@ def main() -> None:
       kdprompt eval ...          base / novel / HM accuracy of zero-shot CLIPs, teachers, students, bundles
       kdprompt export RUN OUT    ship a distilled student as a bundle (safetensors, cache, optional ONNX)
       kdprompt predict BUNDLE X  classify images with a bundle (table or JSON lines)
+      kdprompt serve BUNDLE      HTTP JSON API for a bundle (pip install 'kdprompt[serve]')
       kdprompt shards SRC OUT    write any data source's split as webdataset shards
       kdprompt demo              the pipeline on the built-in synthetic world, offline
 
@@ -386,10 +387,13 @@ def _register_commands() -> None:
     """Commands kept in their own modules (they import nothing from this one at import time)."""
     from kdprompt.bundle_cli import export_command, predict_command
     from kdprompt.eval_cli import eval_command
+    from kdprompt.serve_cli import bench_serve_command, serve_command
 
     main.add_command(eval_command, "eval")
     main.add_command(export_command, "export")
     main.add_command(predict_command, "predict")
+    main.add_command(serve_command, "serve")
+    bench.add_command(bench_serve_command, "serve")
 
 
 _register_commands()
