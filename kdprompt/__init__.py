@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):  # lazy: `import kdprompt` stays light for the CLI
     if name in ("load_bundle", "export_bundle", "Bundle", "Prediction"):
-        import kdprompt.bundle as bundle
+        import kdprompt.deploy as deploy
 
-        return getattr(bundle, name)
+        return getattr(deploy, name)
     raise AttributeError(f"module 'kdprompt' has no attribute {name!r}")

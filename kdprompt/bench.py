@@ -133,8 +133,8 @@ def bench_predict(
     """Top-5 classification images/s of a bundle vs its teacher on the same images; returns the figures."""
     import torch.nn.functional as F
 
-    from kdprompt.bundle import load_bundle
-    from kdprompt.bundle.export import ONNX_FILE
+    from kdprompt.deploy import load_bundle
+    from kdprompt.deploy.export import ONNX_FILE
     from kdprompt.errors import KdpromptError
     from kdprompt.models.teacher import load_teacher
 

@@ -58,7 +58,7 @@ def export_command(student_run: Path, out: Path, onnx: bool, opset: int, overwri
       kdprompt predict runs/demo/bundle image.png
       kdprompt serve runs/demo/bundle --port 8000
     """
-    from kdprompt.bundle import export_bundle
+    from kdprompt.deploy import export_bundle
 
     manifest = export_bundle(student_run, out, onnx=onnx, overwrite=overwrite, opset=opset)
     params = manifest["parameters"]
@@ -136,7 +136,7 @@ def predict_command(
     """
     import torch
 
-    from kdprompt.bundle import load_bundle
+    from kdprompt.deploy import load_bundle
 
     bundle = load_bundle(bundle_dir, device=resolve_device(device), backend=backend)
     files = list(iter_image_files(inputs))

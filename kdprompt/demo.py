@@ -192,7 +192,7 @@ def _export_bundle(student_run: Path, out: Path) -> tuple[object, int]:
     """Ship the distilled student as a bundle (with ONNX when the onnx extra is installed); load it back."""
     import importlib.util
 
-    from kdprompt.bundle import export_bundle, load_bundle
+    from kdprompt.deploy import export_bundle, load_bundle
 
     onnx = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript", "onnxruntime"))
     click.echo(f"\n== export the student as a deployable bundle: {out}")

@@ -200,7 +200,7 @@ def eval_command(
     if first_teacher is not None:
         trained_on, origin = _data_dict(first_teacher.data_config), f"teacher {teacher_dirs[0]}"
     elif bundle_dirs and data_src is None:
-        from kdprompt.bundle.classifier import read_manifest
+        from kdprompt.deploy.bundle import read_manifest
 
         trained_on = read_manifest(Path(bundle_dirs[0]))["teacher"].get("data")
         origin = f"the teacher of bundle {bundle_dirs[0]}"
@@ -241,7 +241,7 @@ def eval_command(
                 },
             )
         for path in bundle_dirs:
-            from kdprompt.bundle import load_bundle
+            from kdprompt.deploy import load_bundle
 
             yield load_bundle(Path(path), device=device), {"kind": "bundle", "path": str(path)}
 

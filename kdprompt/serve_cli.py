@@ -24,8 +24,8 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 def _load(bundle_dir: Path, backend: str, device: str) -> Any:
     """The serve extra checked first (fails fast), then the bundle loaded on ``device``."""
-    from kdprompt.bundle import load_bundle
-    from kdprompt.serve import require_serve_extra
+    from kdprompt.deploy import load_bundle
+    from kdprompt.deploy.serve import require_serve_extra
 
     require_serve_extra()
     return load_bundle(bundle_dir, device=resolve_device(device), backend=backend)
@@ -34,7 +34,7 @@ def _load(bundle_dir: Path, backend: str, device: str) -> Any:
 def _app(
     bundle: Any, max_batch: int, max_wait_ms: float, max_image_mb: float, max_images: int, k: int
 ) -> Any:
-    from kdprompt.serve import create_app
+    from kdprompt.deploy.serve import create_app
 
     return create_app(
         bundle,
@@ -151,7 +151,7 @@ def serve_command(
 
     Needs the serve extra: pip install 'kdprompt[serve]'.
     """
-    from kdprompt.serve.server import base_url, bind_socket, serve_forever
+    from kdprompt.deploy.serve.server import base_url, bind_socket, serve_forever
 
     bundle = _load(bundle_dir, backend, device)
     app = _app(bundle, max_batch, max_wait_ms, max_image_mb, max_images, k)
@@ -260,8 +260,8 @@ def bench_serve_command(
       kdprompt bench serve bundles/dtd
       kdprompt bench serve bundles/dtd --requests 2000 --concurrency 32 --images ~/photos --json
     """
-    from kdprompt.serve.loadtest import run_load_test
-    from kdprompt.serve.server import background_server, get_json
+    from kdprompt.deploy.serve.loadtest import run_load_test
+    from kdprompt.deploy.serve.server import background_server, get_json
 
     bundle = _load(bundle_dir, backend, device)
     if images_dir is not None:

@@ -148,7 +148,7 @@ def student_run(tmp_path_factory, world_root, tiny_teacher_weights) -> dict:
 @pytest.fixture(scope="session")
 def bundle_dir(student_run, tmp_path_factory):
     """``kdprompt export`` of :func:`student_run`, with the ONNX graph."""
-    from kdprompt.bundle import export_bundle
+    from kdprompt.deploy import export_bundle
 
     out = tmp_path_factory.mktemp("bundle") / "bundle"
     export_bundle(student_run["student"], out, onnx=True)

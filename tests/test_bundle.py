@@ -13,16 +13,16 @@ import torch
 from PIL import Image
 
 import kdprompt
-from kdprompt.bundle import load_bundle
-from kdprompt.bundle.encoder import (
+from kdprompt.config import StudentConfig
+from kdprompt.data.sources import load_split
+from kdprompt.deploy import load_bundle
+from kdprompt.deploy.encoder import (
     ImageEncoder,
     build_projector,
     build_visual,
     fold_projector,
     open_clip_config,
 )
-from kdprompt.config import StudentConfig
-from kdprompt.data.sources import load_split
 from kdprompt.errors import KdpromptError
 from kdprompt.evaluate import evaluate_base_novel
 from kdprompt.models import ModelSpec, create_clip
@@ -189,7 +189,7 @@ def test_export_cli_refuses_to_overwrite_and_stays_atomic(cli, student_run, tmp_
     again = cli("export", student_run["student"], out)
     assert again.exit_code == 2 and "--overwrite" in again.output
     # A failure half-way through an overwrite leaves the old bundle as it was, and no temporary behind.
-    import kdprompt.bundle.onnx as onnx_module
+    import kdprompt.deploy.onnx as onnx_module
 
     def broken(*args, **kwargs):
         raise KdpromptError("simulated ONNX failure")

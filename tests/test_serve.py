@@ -22,9 +22,9 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from kdprompt.bundle import Prediction  # noqa: E402
-from kdprompt.serve.batcher import BatcherError, MicroBatcher  # noqa: E402
-from kdprompt.serve.loadtest import percentile, run_load_test  # noqa: E402
+from kdprompt.deploy import Prediction  # noqa: E402
+from kdprompt.deploy.serve.batcher import BatcherError, MicroBatcher  # noqa: E402
+from kdprompt.deploy.serve.loadtest import percentile, run_load_test  # noqa: E402
 
 MAX_IMAGE_MB = 0.05  # 52428 bytes: small PNGs pass, a 256x256 noise PNG does not
 MAX_IMAGES = 8
@@ -63,7 +63,7 @@ def images(student_run) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def local_bundle(bundle_dir):
-    from kdprompt.bundle import load_bundle
+    from kdprompt.deploy import load_bundle
 
     return load_bundle(bundle_dir)
 
@@ -258,7 +258,7 @@ def test_load_test_has_no_errors(server, images):
 def test_model_failure_answers_500_with_a_message(local_bundle, monkeypatch):
     from fastapi.testclient import TestClient
 
-    from kdprompt.serve import create_app
+    from kdprompt.deploy.serve import create_app
 
     def broken(batch, k, sources):
         raise RuntimeError("simulated encoder failure")
@@ -285,12 +285,14 @@ def test_serve_command_without_the_extra_names_the_fix(tmp_path, monkeypatch):
 
     from click.testing import CliRunner
 
-    import kdprompt.serve
+    import kdprompt.deploy.serve
     from kdprompt.serve_cli import serve_command
 
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        kdprompt.serve.importlib.util, "find_spec", lambda name: None if name == "uvicorn" else real(name)
+        kdprompt.deploy.serve.importlib.util,
+        "find_spec",
+        lambda name: None if name == "uvicorn" else real(name),
     )
     result = CliRunner().invoke(serve_command, [str(tmp_path)])
     assert (

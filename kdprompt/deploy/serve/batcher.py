@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kdprompt.bundle import Prediction
+from kdprompt.deploy import Prediction
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Bad input is answered with a 4xx and ``{"detail": "..."}`` naming the image and the fix; only a
 failure of the server itself answers a 5xx. Images are decoded off the event loop, and the images of
-concurrent requests are classified together by a :class:`~kdprompt.serve.batcher.MicroBatcher`.
+concurrent requests are classified together by a :class:`~kdprompt.deploy.serve.batcher.MicroBatcher`.
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from torch import Tensor
 
 from kdprompt import __version__
-from kdprompt.bundle import Bundle
-from kdprompt.errors import KdpromptError
-from kdprompt.serve.batcher import BatcherError, MicroBatcher
-from kdprompt.serve.inputs import (
+from kdprompt.deploy import Bundle
+from kdprompt.deploy.serve.batcher import BatcherError, MicroBatcher
+from kdprompt.deploy.serve.inputs import (
     IMAGE_FORMATS,
     InputError,
     check_size,
@@ -37,6 +36,7 @@ from kdprompt.serve.inputs import (
     parse_k,
     too_large,
 )
+from kdprompt.errors import KdpromptError
 
 IMAGE_FIELDS = ("images", "image")
 JSON_EXAMPLE = '{"images": ["<base64>", ...], "k": 5}'

@@ -1,8 +1,8 @@
 """``kdprompt serve``: a bundle behind an HTTP JSON API (FastAPI + uvicorn, the ``serve`` extra).
 
-:func:`create_app` builds the app (imported lazily, so ``import kdprompt.serve`` works without the
-extra); :class:`~kdprompt.serve.batcher.MicroBatcher` batches concurrent requests;
-:func:`~kdprompt.serve.loadtest.run_load_test` measures a running server with the standard library.
+:func:`create_app` builds the app (imported lazily, so ``import kdprompt.deploy.serve`` works without the
+extra); :class:`~kdprompt.deploy.serve.batcher.MicroBatcher` batches concurrent requests;
+:func:`~kdprompt.deploy.serve.loadtest.run_load_test` measures a running server with the standard library.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def require_serve_extra() -> None:
 def __getattr__(name: str) -> Any:
     if name == "create_app":
         require_serve_extra()
-        from kdprompt.serve.app import create_app
+        from kdprompt.deploy.serve.app import create_app
 
         return create_app
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

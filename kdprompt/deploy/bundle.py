@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from kdprompt.bundle.export import (
+from kdprompt.deploy.export import (
     CACHE_DIR,
     CONFIG_FILE,
     ENCODER_FILE,
@@ -122,7 +122,7 @@ def _build_transform(cfg: dict[str, Any]) -> Callable[[Image.Image], Tensor]:
 def _load_torch_encoder(path: Path, manifest: dict[str, Any]) -> torch.nn.Module:
     from safetensors.torch import load_file
 
-    from kdprompt.bundle.encoder import ImageEncoder, build_projector, build_visual
+    from kdprompt.deploy.encoder import ImageEncoder, build_projector, build_visual
 
     model = manifest["model"]
     state = load_file(str(path / ENCODER_FILE))
@@ -335,7 +335,7 @@ def load_bundle(
             raise KdpromptError(
                 f"bundle {path} has no {ONNX_FILE}; re-export it with `kdprompt export RUN OUT --onnx`"
             )
-        from kdprompt.bundle.onnx import OnnxImageEncoder
+        from kdprompt.deploy.onnx import OnnxImageEncoder
 
         encoder: Callable[[Tensor], Tensor] = OnnxImageEncoder(path / ONNX_FILE)
         device = torch.device("cpu")

@@ -71,7 +71,7 @@ def _image_tower_parameters(model_name: str) -> int:
     """Parameters of a model's image tower, counted on a randomly initialised copy (no weights needed)."""
     import open_clip
 
-    from kdprompt.bundle.encoder import build_visual
+    from kdprompt.deploy.encoder import build_visual
     from kdprompt.models.loading import resolve_model_name
 
     config = open_clip.get_model_config(resolve_model_name(model_name))
@@ -100,7 +100,7 @@ def export_bundle(
     from safetensors.torch import save_file
 
     from kdprompt import __version__
-    from kdprompt.bundle.encoder import ImageEncoder, open_clip_config
+    from kdprompt.deploy.encoder import ImageEncoder, open_clip_config
     from kdprompt.io import atomic_path
     from kdprompt.models.student import STUDENT_FILE, STUDENT_WEIGHTS, load_student
 
@@ -131,7 +131,7 @@ def export_bundle(
         shutil.copytree(cache.path, tmp / CACHE_DIR)
         onnx_info = None
         if onnx:
-            from kdprompt.bundle.onnx import export_onnx
+            from kdprompt.deploy.onnx import export_onnx
 
             onnx_info = export_onnx(encoder, tmp / ONNX_FILE, image_size=(size[0], size[1]), opset=opset)
         files = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
