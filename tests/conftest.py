@@ -80,28 +80,28 @@ def accelerate_launch(args: list[str], processes: int = 2, timeout: int = 600) -
     return proc
 
 
-@pytest.fixture(scope="session")
-def student_run(tmp_path_factory, world_root, tiny_teacher_weights) -> dict:
-    """A tiny prompted student distilled from a tiny PromptSRC teacher, through the CLI (seconds).
+TINY_WORLD = ["train_per_class=4", "test_per_class=2", "val_per_class=1"]
 
-    Returns paths: ``root``, ``teacher``, ``cache``, ``student`` (runs/s/student), ``world_root``.
+
+def train_tiny_teacher(root, world_root: str, teacher_weights: str) -> dict:
+    """A tiny PromptSRC teacher with its cache (through the CLI), and student weights standing in for a
+    pre-trained student, under ``root``.
+
+    Returns paths: ``root``, ``teacher``, ``cache``, ``student`` (the initial student weights), ``world_root``.
     """
     from click.testing import CliRunner
 
     from kdprompt.cli import main
     from kdprompt.models import ModelSpec, create_clip, save_clip_weights
 
-    root = tmp_path_factory.mktemp("student-run")
-    world = ["data.train_per_class=4", "data.test_per_class=2", "data.val_per_class=1"]
-    runner = CliRunner()
-    teacher_args = [
+    args = [
         "teacher",
         "demo/teacher-promptsrc",
         "name=t",
         f"output_dir={root / 'runs'}",
-        f"model.pretrained={tiny_teacher_weights}",
+        f"model.pretrained={teacher_weights}",
         f"data.root={world_root}",
-        *world,
+        *[f"data.{kv}" for kv in TINY_WORLD],
         "fewshot.shots=2",
         "train.batch_size=8",
         "train.epochs=1",
@@ -110,23 +110,44 @@ def student_run(tmp_path_factory, world_root, tiny_teacher_weights) -> dict:
         f"cache_dir={root / 'cache' / 't'}",
         "evaluate=false",
     ]
-    result = runner.invoke(main, teacher_args, catch_exceptions=False)
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     torch.manual_seed(1)
-    student_weights = root / "student-init.safetensors"
+    student_weights = root / "student.safetensors"
     save_clip_weights(create_clip(ModelSpec(name="kd-tiny-student")).model, student_weights)
+    return {
+        "root": root,
+        "teacher": root / "runs" / "t" / "teacher",
+        "cache": root / "cache" / "t",
+        "student": student_weights,
+        "world_root": world_root,
+    }
+
+
+@pytest.fixture(scope="session")
+def student_run(tmp_path_factory, world_root, tiny_teacher_weights) -> dict:
+    """A tiny prompted student distilled from :func:`train_tiny_teacher`'s teacher, through the CLI.
+
+    Returns paths: ``root``, ``teacher``, ``cache``, ``student`` (runs/s/student), ``world_root``.
+    """
+    from click.testing import CliRunner
+
+    from kdprompt.cli import main
+
+    root = tmp_path_factory.mktemp("student-run")
+    trained = train_tiny_teacher(root, world_root, tiny_teacher_weights)
     distill_args = [
         "distill",
         "demo/distill-student",
         "name=s",
         f"output_dir={root / 'runs'}",
-        f"teacher={root / 'runs' / 't' / 'teacher'}",
-        f"cache={root / 'cache' / 't'}",
-        f"student.model.pretrained={student_weights}",
+        f"teacher={trained['teacher']}",
+        f"cache={trained['cache']}",
+        f"student.model.pretrained={trained['student']}",
         "student.adaptation=prompts",
         "student.depth=2",
         f"data.root={world_root}",
-        *world,
+        *[f"data.{kv}" for kv in TINY_WORLD],
         f"shards_dir={root / 'shards'}",
         "shard_maxcount=48",
         "train.batch_size=16",
@@ -134,15 +155,9 @@ def student_run(tmp_path_factory, world_root, tiny_teacher_weights) -> dict:
         "train.shuffle_buffer=32",
         "evaluate=false",
     ]
-    result = runner.invoke(main, distill_args, catch_exceptions=False)
+    result = CliRunner().invoke(main, distill_args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    return {
-        "root": root,
-        "teacher": root / "runs" / "t" / "teacher",
-        "cache": root / "cache" / "t",
-        "student": root / "runs" / "s" / "student",
-        "world_root": world_root,
-    }
+    return {**trained, "student": root / "runs" / "s" / "student"}
 
 
 @pytest.fixture(scope="session")

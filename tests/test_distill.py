@@ -7,57 +7,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import accelerate_launch
+from conftest import TINY_WORLD, accelerate_launch, train_tiny_teacher
 from safetensors.torch import load_file
 
 from kdprompt.cache import build_cache, load_cache
 from kdprompt.config import DistillRecipe, StudentConfig, load_recipe
-from kdprompt.models import ModelSpec, create_clip, save_clip_weights
+from kdprompt.models import ModelSpec, create_clip
 from kdprompt.models.student import Student, count_parameters, load_student
 from kdprompt.models.teacher import load_teacher
 from kdprompt.objectives import DistillObjectives
 
 pytestmark = pytest.mark.slow
 
-WORLD = ["train_per_class=4", "test_per_class=2", "val_per_class=1"]
-
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, world_root, tiny_teacher_weights):
     """A tiny PromptSRC teacher with its cache, and student weights standing in for a pre-trained student."""
-    from click.testing import CliRunner
-
-    from kdprompt.cli import main
-
-    root = tmp_path_factory.mktemp("distill")
-    args = [
-        "teacher",
-        "demo/teacher-promptsrc",
-        "name=t",
-        f"output_dir={root / 'runs'}",
-        f"model.pretrained={tiny_teacher_weights}",
-        f"data.root={world_root}",
-        *[f"data.{kv}" for kv in WORLD],
-        "fewshot.shots=2",
-        "train.batch_size=8",
-        "train.epochs=1",
-        "method.text_depth=2",
-        "method.vision_depth=2",
-        f"cache_dir={root / 'cache' / 't'}",
-        "evaluate=false",
-    ]
-    result = CliRunner().invoke(main, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    torch.manual_seed(1)
-    student_weights = root / "student.safetensors"
-    save_clip_weights(create_clip(ModelSpec(name="kd-tiny-student")).model, student_weights)
-    return {
-        "root": root,
-        "teacher": root / "runs" / "t" / "teacher",
-        "cache": root / "cache" / "t",
-        "student": student_weights,
-        "world_root": world_root,
-    }
+    return train_tiny_teacher(tmp_path_factory.mktemp("distill"), world_root, tiny_teacher_weights)
 
 
 def distill_args(trained, tmp_path: Path, name: str, adaptation: str = "full") -> list[str]:
@@ -70,7 +36,7 @@ def distill_args(trained, tmp_path: Path, name: str, adaptation: str = "full") -
         f"student.adaptation={adaptation}",
         "student.depth=2",
         f"data.root={trained['world_root']}",
-        *[f"data.{kv}" for kv in WORLD],
+        *[f"data.{kv}" for kv in TINY_WORLD],
         f"shards_dir={tmp_path / 'shards'}",
         "shard_maxcount=48",
         "train.batch_size=16",
@@ -190,7 +156,7 @@ def test_eval_cli_reports_the_student_like_its_run(cli, tmp_path, trained):
     assert cli("distill", "demo/distill-student", *distill_args(trained, tmp_path, "ev")).exit_code == 0
     run = tmp_path / "runs" / "ev" / "student"
     out = tmp_path / "eval"
-    teacher_data = [f"root={trained['world_root']}", *WORLD]
+    teacher_data = [f"root={trained['world_root']}", *TINY_WORLD]
     result = cli(
         "eval",
         "--teacher",
