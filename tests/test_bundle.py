@@ -15,7 +15,7 @@ from PIL import Image
 import kdprompt
 from kdprompt.config import StudentConfig
 from kdprompt.data.sources import load_split
-from kdprompt.deploy import load_bundle
+from kdprompt.deploy import export_bundle, load_bundle
 from kdprompt.deploy.encoder import (
     ImageEncoder,
     build_projector,
@@ -306,3 +306,17 @@ def test_bench_predict_prints_bundle_and_teacher_throughput(cli, bundle_dir, stu
         assert figures[key] > 0
     assert figures["student_image_tower_parameters"] < figures["teacher_image_tower_parameters"]
     assert figures["bundle_bytes"] == sum(p.stat().st_size for p in bundle_dir.rglob("*") if p.is_file())
+
+
+def test_export_needs_no_base_weights_of_the_student(student_run, bundle_dir, tmp_path):
+    # student.safetensors holds the whole tower: a run whose base weights are gone still exports.
+    run = tmp_path / "run" / "student"
+    shutil.copytree(student_run["student"], run)
+    meta = json.loads((run / "student.json").read_text())
+    meta["student"]["model"]["pretrained"] = str(tmp_path / "deleted.safetensors")
+    (run / "student.json").write_text(json.dumps(meta))
+    export_bundle(run, tmp_path / "b")
+    x = torch.randn(3, 3, 32, 32)
+    assert torch.allclose(
+        load_bundle(tmp_path / "b").encode_images(x), load_bundle(bundle_dir).encode_images(x)
+    )

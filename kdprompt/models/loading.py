@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -210,12 +211,15 @@ def _tag_error(name: str, tag: str, reason: str) -> KdpromptError:
     )
 
 
-def create_clip(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedClip:
+def create_clip(spec: ModelSpec, device: str | torch.device = "cpu", load_weights: bool = True) -> LoadedClip:
     """Create the open_clip model described by ``spec``.
 
     Args:
         spec: architecture, weights and precision.
         device: where the model lives.
+        load_weights: with False, build the architecture and transforms ``spec.pretrained`` implies
+            (an open_clip tag may switch on QuickGELU or set the preprocessing) without reading or
+            downloading the weights, for a caller that loads a full state dict of its own.
 
     Returns:
         The model (in eval mode) with its transforms and tokenizer.
@@ -228,6 +232,8 @@ def create_clip(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedCl
     pretrained = spec.pretrained
     local: Path | None = None
     tag: str | None = None
+    if pretrained and not load_weights:
+        return _create_architecture(name, spec, device)
     if pretrained:
         if _is_local_weights(pretrained):
             local = Path(pretrained).expanduser()
@@ -250,6 +256,29 @@ def create_clip(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedCl
     model.eval()
     tokenizer = open_clip.get_tokenizer(name)
     return LoadedClip(model, preprocess_train, preprocess_val, tokenizer, spec, name)
+
+
+def _create_architecture(name: str, spec: ModelSpec, device: str | torch.device) -> LoadedClip:
+    """The model ``spec`` describes, randomly initialised, shaped as its weights would shape it."""
+    forced: dict[str, Any] = {}
+    pretrained = spec.pretrained or ""
+    if not _is_local_weights(pretrained) and pretrained in open_clip.list_pretrained_tags_by_model(name):
+        tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+        forced["force_quick_gelu"] = bool(tag_cfg.get("quick_gelu", False))
+        keys = ("mean", "std", "interpolation", "resize_mode")
+        forced["force_preprocess_cfg"] = {k: tag_cfg[k] for k in keys if k in tag_cfg}
+    # open_clip warns that no weights were loaded: here that is the point, not news.
+    quiet = logging.Filter()
+    quiet.filter = lambda record: not record.getMessage().startswith("No pretrained weights loaded")  # type: ignore[method-assign]
+    logging.getLogger().addFilter(quiet)
+    try:
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            name, pretrained=None, precision=spec.precision, device=device, **forced
+        )
+    finally:
+        logging.getLogger().removeFilter(quiet)
+    model.eval()
+    return LoadedClip(model, preprocess_train, preprocess_val, open_clip.get_tokenizer(name), spec, name)
 
 
 def save_clip_weights(model: nn.Module, path: str | os.PathLike) -> Path:

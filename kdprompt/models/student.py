@@ -210,6 +210,8 @@ def load_student(path: Any, device: str | torch.device = "cpu") -> tuple[Student
         }
     )
     cache = load_cache(Path(meta["cache"]["path"]), expect_fingerprint=meta["cache"]["teacher_fingerprint"])
-    student = Student(create_clip(cfg.model, device=device), cfg, out_dim=int(meta["embed_dim"]))
+    # student.safetensors holds the whole image tower: the base weights need not be read (or downloaded).
+    clip = create_clip(cfg.model, device=device, load_weights=False)
+    student = Student(clip, cfg, out_dim=int(meta["embed_dim"]))
     student.load_state_dict(load_file(str(path / STUDENT_WEIGHTS)))
     return student.to(device).eval(), cache
