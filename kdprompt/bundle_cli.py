@@ -42,25 +42,39 @@ def _human(n: float) -> str:
     "--opset", type=click.IntRange(min=17), default=18, show_default=True, help="ONNX opset version."
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is already a bundle.")
+@click.option(
+    "--cache",
+    "cache_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Ship another class list of the same teacher (from `kdprompt cache TEACHER --classes FILE`).",
+)
 @user_errors
-def export_command(student_run: Path, out: Path, onnx: bool, opset: int, overwrite: bool) -> None:
+def export_command(
+    student_run: Path, out: Path, onnx: bool, opset: int, overwrite: bool, cache_dir: Path | None
+) -> None:
     """Write a deployable bundle of a distilled student to OUT.
 
     STUDENT_RUN is runs/<name> or runs/<name>/student (from `kdprompt distill`). The bundle holds the
     student image tower with its prompts and projector folded in (safetensors), the open_clip config to
     rebuild it offline, the preprocessing, the teacher's text-feature cache (features, FAISS index,
     class names), the logit scale and a manifest with versions, fingerprints and sha256 of every file.
-    Loading it needs no teacher, no text tower, no network and no pickle.
+    Loading it needs no teacher, no text tower, no network and no pickle. --cache ships the features of
+    another class list of the same teacher instead, e.g. classes the student never saw.
 
     \b
     Examples:
       kdprompt export runs/demo-distill-student runs/demo/bundle --onnx
+      kdprompt cache runs/demo-teacher-promptsrc/teacher --classes new-classes.txt --out cache/new
+      kdprompt export runs/demo-distill-student runs/demo/bundle-new --cache cache/new
       kdprompt predict runs/demo/bundle image.png
       kdprompt serve runs/demo/bundle --port 8000
     """
     from kdprompt.deploy import export_bundle
 
-    manifest = export_bundle(student_run, out, onnx=onnx, overwrite=overwrite, opset=opset)
+    manifest = export_bundle(
+        student_run, out, onnx=onnx, overwrite=overwrite, opset=opset, cache_dir=cache_dir
+    )
     params = manifest["parameters"]
     click.echo(f"bundle written to {out} ({_human(_size(out))})")
     for name in manifest["files"]:

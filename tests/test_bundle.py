@@ -320,3 +320,30 @@ def test_export_needs_no_base_weights_of_the_student(student_run, bundle_dir, tm
     assert torch.allclose(
         load_bundle(tmp_path / "b").encode_images(x), load_bundle(bundle_dir).encode_images(x)
     )
+
+
+def test_export_ships_another_class_list_of_the_same_teacher(cli, student_run, tmp_path):
+    from kdprompt.cache import build_cache
+
+    classes = tmp_path / "classes.txt"
+    classes.write_text("teal hexagon\nred circle\nmagenta star\n")
+    made = cli("cache", student_run["teacher"], "--classes", classes, "--out", tmp_path / "cache3")
+    assert made.exit_code == 0, made.output
+    result = cli("export", student_run["student"], tmp_path / "b3", "--cache", tmp_path / "cache3")
+    assert result.exit_code == 0, result.output
+    bundle = load_bundle(tmp_path / "b3")
+    assert bundle.classnames == ["teal hexagon", "red circle", "magenta star"]
+    assert bundle.manifest["classes"]["num_classes"] == 3
+    assert set(bundle.predict(torch.zeros(3, 32, 32), k=5)[0].labels) == set(bundle.classnames)
+
+    foreign = tmp_path / "foreign"
+    build_cache(
+        torch.nn.functional.normalize(torch.randn(2, 128), dim=-1),
+        ["a", "b"],
+        foreign,
+        teacher_fingerprint="0" * 64,
+        logit_scale=100.0,
+    )
+    refused = cli("export", student_run["student"], tmp_path / "b4", "--cache", foreign)
+    assert refused.exit_code == 2 and "built for another teacher" in refused.output
+    assert not (tmp_path / "b4").exists()

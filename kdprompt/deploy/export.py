@@ -79,7 +79,13 @@ def _image_tower_parameters(model_name: str) -> int:
 
 
 def export_bundle(
-    student_run: Path, out: Path, *, onnx: bool = False, overwrite: bool = False, opset: int = 18
+    student_run: Path,
+    out: Path,
+    *,
+    onnx: bool = False,
+    overwrite: bool = False,
+    opset: int = 18,
+    cache_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Export a distilled student as a bundle directory.
 
@@ -89,6 +95,8 @@ def export_bundle(
         onnx: also write ``image_encoder.onnx`` (checked against torch with onnxruntime).
         overwrite: replace an existing ``out``.
         opset: ONNX opset version.
+        cache_dir: ship this text-feature cache instead of the one the student trained with: another
+            class list of the same teacher (``kdprompt cache TEACHER --classes FILE``).
 
     Returns:
         The bundle's manifest.
@@ -112,6 +120,11 @@ def export_bundle(
         raise KdpromptError(f"{out} exists and is not a bundle; refusing to replace it, choose another OUT")
     meta = json.loads((student_dir / STUDENT_FILE).read_text(encoding="utf-8"))
     student, cache = load_student(student_dir)
+    if cache_dir is not None:
+        from kdprompt.cache import load_cache
+
+        # The student maps images into its teacher's space: only that teacher's text features fit.
+        cache = load_cache(Path(cache_dir), expect_fingerprint=meta["teacher"]["fingerprint"])
     if cache.path is None:
         raise KdpromptError(f"student {student_dir} has no cache directory to ship")
     encoder, projector_specs = ImageEncoder.from_student(student)
