@@ -31,19 +31,15 @@ def _load(bundle_dir: Path, backend: str, device: str) -> Any:
     return load_bundle(bundle_dir, device=resolve_device(device), backend=backend)
 
 
-def _app(
-    bundle: Any, max_batch: int, max_wait_ms: float, max_image_mb: float, max_images: int, k: int
-) -> Any:
+def _app(bundle: Any, max_batch: int, max_wait_ms: float, **limits: Any) -> Any:
+    """The app with the shared batching options; ``limits`` are further :func:`create_app` arguments."""
     from kdprompt.deploy.serve import create_app
 
-    return create_app(
-        bundle,
-        max_batch=max_batch,
-        max_wait_ms=max_wait_ms,
-        max_image_bytes=max(1, int(max_image_mb * 2**20)),
-        max_images=max_images,
-        default_k=k,
-    )
+    return create_app(bundle, max_batch=max_batch, max_wait_ms=max_wait_ms, **limits)
+
+
+def _mib(value: float) -> int:
+    return max(1, int(value * 2**20))
 
 
 def _bundle_options(fn: Any) -> Any:
@@ -101,6 +97,20 @@ def _bundle_options(fn: Any) -> Any:
     help="Images per request at most.",
 )
 @click.option(
+    "--max-request-mb",
+    type=click.FloatRange(min=0, min_open=True),
+    default=64.0,
+    show_default=True,
+    help="Size of one request body at most (larger ones answer 413).",
+)
+@click.option(
+    "--max-queue",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    help="Images waiting for the model at most; beyond it requests answer 503 with Retry-After.",
+)
+@click.option(
     "--k",
     "k",
     type=click.IntRange(min=1),
@@ -126,6 +136,8 @@ def serve_command(
     max_wait_ms: float,
     max_image_mb: float,
     max_images: int,
+    max_request_mb: float,
+    max_queue: int,
     k: int,
     log_level: str,
 ) -> None:
@@ -141,7 +153,8 @@ def serve_command(
       GET  /docs          the OpenAPI page (try the endpoints from the browser)
 
     Bad input (not an image, empty, too large, unknown field, malformed JSON) answers a 4xx with
-    {"detail": "..."}; images of concurrent requests are classified in shared batches.
+    {"detail": "..."}; images of concurrent requests are classified in shared batches; when more than
+    --max-queue images wait, requests answer 503 with Retry-After instead of queueing.
 
     \b
     Examples:
@@ -154,7 +167,16 @@ def serve_command(
     from kdprompt.deploy.serve.server import base_url, bind_socket, serve_forever
 
     bundle = _load(bundle_dir, backend, device)
-    app = _app(bundle, max_batch, max_wait_ms, max_image_mb, max_images, k)
+    app = _app(
+        bundle,
+        max_batch,
+        max_wait_ms,
+        max_image_bytes=_mib(max_image_mb),
+        max_images=max_images,
+        max_request_bytes=_mib(max_request_mb),
+        max_queue=max_queue,
+        default_k=k,
+    )
     sock = bind_socket(host, port)
     url = base_url(sock)
     click.echo(f"serving {bundle.name} ({len(bundle.classnames)} classes, {backend}) on {url}")
@@ -269,7 +291,7 @@ def bench_serve_command(
     else:
         _, height, width = bundle.input_size
         payloads = synthetic_images((4 * height, 4 * width))
-    app = _app(bundle, max_batch, max_wait_ms, 8.0, 64, 5)
+    app = _app(bundle, max_batch, max_wait_ms)
     with background_server(app) as url:
         run_load_test(url, payloads, requests=min(n_requests, 2 * concurrency), concurrency=concurrency)
         before = get_json(f"{url}/healthz")["batcher"]

@@ -270,6 +270,21 @@ def test_model_failure_answers_500_with_a_message(local_bundle, monkeypatch):
         assert c.get("/healthz").json()["status"] == "ok"
 
 
+@pytest.mark.slow
+def test_full_queue_answers_503_with_retry_after_and_big_bodies_413(local_bundle):
+    from fastapi.testclient import TestClient
+
+    from kdprompt.deploy.serve import create_app
+
+    with TestClient(create_app(local_bundle, max_queue=1, max_request_bytes=4096)) as c:
+        busy = c.post("/v1/classify", files=[("images", ("a.png", SMALL)), ("images", ("b.png", SMALL))])
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+        assert "busy" in busy.json()["detail"]
+        big = c.post("/v1/classify", json={"images": [base64.b64encode(b"x" * 6000).decode()]})
+        assert big.status_code == 413 and "4096 bytes in all" in big.json()["detail"]
+        assert c.post("/v1/classify", files={"images": ("a.png", SMALL)}).status_code == 200
+
+
 def test_serve_command_on_a_non_bundle_exits_2(tmp_path):
     from click.testing import CliRunner
 
@@ -367,6 +382,24 @@ def test_batcher_batches_concurrent_requests():
         assert prediction.labels == [str(i)] * (1 + i % 3) and prediction.source == f"r{i}"
         assert len(prediction.probs) == len(prediction.indices) == 1 + i % 3
     assert {k for _, k in model.calls} == {3}
+
+
+def test_batcher_refuses_beyond_its_queue():
+    model = FakeModel()
+
+    async def main():
+        batcher = MicroBatcher(model, max_batch=4, max_wait_ms=1, max_queue=3)
+        await batcher.start()
+        try:
+            with pytest.raises(BatcherError) as refused:
+                await batcher.submit([_image(i) for i in range(4)], 1, [f"i{i}" for i in range(4)])
+            return refused.value, await batcher.submit([_image(1)], 1, ["ok"])
+        finally:
+            await batcher.stop()
+
+    refused, accepted = _run(main())
+    assert refused.status == 503 and "limit 3" in str(refused)
+    assert accepted[0].labels == ["1"] and model.calls == [(1, 1)]
 
 
 def test_batcher_splits_at_max_batch():

@@ -92,16 +92,18 @@ class Limits:
     max_image_bytes: int
     max_images: int
     max_pixels: int
+    max_request_bytes: int
 
     @property
     def multipart_body(self) -> int:
         """Bytes of a multipart body at most."""
-        return self.max_images * (self.max_image_bytes + 1024) + BODY_SLACK
+        return min(self.max_images * (self.max_image_bytes + 1024) + BODY_SLACK, self.max_request_bytes)
 
     @property
     def json_body(self) -> int:
         """Bytes of a JSON body at most."""
-        return self.max_images * (max_base64_chars(self.max_image_bytes) + 16) + BODY_SLACK
+        per_image = max_base64_chars(self.max_image_bytes) + 16
+        return min(self.max_images * per_image + BODY_SLACK, self.max_request_bytes)
 
     def too_many(self, count: int | None = None) -> str:
         """The message for more than ``max_images`` images."""
@@ -132,8 +134,9 @@ async def _body_chunks(request: Request, limit: int, limits: Limits) -> AsyncIte
     """The request body, refused with a 413 as soon as it passes ``limit`` bytes."""
     declared = request.headers.get("content-length", "")
     too_big = (
-        f"the request body is over {limit} bytes, the most this server reads ({limits.max_images} images "
-        f"of at most {limits.max_image_bytes} bytes each); send fewer or smaller images per request"
+        f"the request body is over {limit} bytes, the most this server reads in one request (at most "
+        f"{limits.max_images} images of {limits.max_image_bytes} bytes each, {limits.max_request_bytes} bytes "
+        "in all); send fewer or smaller images per request"
     )
     if declared.isdigit() and int(declared) > limit:
         raise InputError(413, too_big)
@@ -278,7 +281,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorResponse, "description": "An image or the request is too large, or too many images."},
     415: {"model": ErrorResponse, "description": "Neither multipart/form-data nor application/json."},
     422: {"model": ErrorResponse, "description": "Malformed JSON, or an unknown or mistyped field."},
-    503: {"model": ErrorResponse, "description": "The server is starting or stopping."},
+    503: {"model": ErrorResponse, "description": "Busy (queue full), starting or stopping; see Retry-After."},
 }
 
 
@@ -291,6 +294,8 @@ def create_app(
     max_images: int = 64,
     default_k: int = 5,
     max_pixels: int = 64 * 2**20,
+    max_request_bytes: int = 64 * 2**20,
+    max_queue: int = 1024,
 ) -> FastAPI:
     """The FastAPI app serving ``bundle``.
 
@@ -302,12 +307,21 @@ def create_app(
         max_images: images per request at most.
         default_k: classes per image when a request gives no ``k``.
         max_pixels: decoded pixels of one image at most (guards against decompression bombs).
+        max_request_bytes: bytes of one request body at most (base64 JSON is held in memory).
+        max_queue: images waiting for the model at most; beyond it requests answer 503 with Retry-After.
 
     Returns:
         The app; the batcher starts and stops with its lifespan (uvicorn, or ``TestClient`` as a context).
     """
-    limits = Limits(max_image_bytes=max_image_bytes, max_images=max_images, max_pixels=max_pixels)
-    batcher = MicroBatcher(bundle.predict_tensor, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    limits = Limits(
+        max_image_bytes=max_image_bytes,
+        max_images=max_images,
+        max_pixels=max_pixels,
+        max_request_bytes=max_request_bytes,
+    )
+    batcher = MicroBatcher(
+        bundle.predict_tensor, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue
+    )
     classnames = bundle.classnames
     fingerprint = bundle.manifest.get("fingerprint")
     state: dict[str, Any] = {}
@@ -348,7 +362,10 @@ def create_app(
 
     @app.exception_handler(BatcherError)
     async def batcher_error(request: Request, exc: BatcherError) -> JSONResponse:
-        return _error(exc.status, str(exc))
+        response = _error(exc.status, str(exc))
+        if exc.status == 503:
+            response.headers["Retry-After"] = "1"
+        return response
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception) -> JSONResponse:

@@ -59,15 +59,22 @@ class MicroBatcher:
         predict: ``(batch (B, 3, H, W), k, sources) -> list[Prediction]``, e.g. ``Bundle.predict_tensor``.
         max_batch: images per model call at most.
         max_wait_ms: how long the first waiting image may wait for others to join its batch.
+        max_queue: images waiting at most; beyond it a request is refused at once with a 503, so an
+            overloaded server sheds load instead of letting every request's latency grow.
     """
 
-    def __init__(self, predict: PredictFn, *, max_batch: int = 32, max_wait_ms: float = 5.0) -> None:
+    def __init__(
+        self, predict: PredictFn, *, max_batch: int = 32, max_wait_ms: float = 5.0, max_queue: int = 1024
+    ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be at least 1, got {max_queue}")
         self.predict = predict
         self.max_batch = max_batch
+        self.max_queue = max_queue
         self.max_wait = max_wait_ms / 1000.0
         self.batches = 0
         self.images = 0
@@ -112,10 +119,17 @@ class MicroBatcher:
         """Top-``k`` predictions of preprocessed (3, H, W) ``images``, batched with other requests' images.
 
         Raises:
-            BatcherError: the batcher is not running, or the model failed on a batch holding these images.
+            BatcherError: the batcher is not running or its queue is full (503), or the model failed on a
+                batch holding these images (500).
         """
         if not self.running or self._wake is None:
             raise BatcherError("the model is not running (server starting or stopping); retry later", 503)
+        if len(self._pending) + len(images) > self.max_queue:
+            raise BatcherError(
+                f"the server is busy ({len(self._pending)} images waiting, limit {self.max_queue}); "
+                "retry in a moment",
+                503,
+            )
         loop = asyncio.get_running_loop()
         items = [
             _Item(image, k, source, loop.create_future())
