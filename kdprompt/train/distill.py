@@ -8,7 +8,6 @@ weighted objectives. Labels in the shards, if any, are ignored.
 from __future__ import annotations
 
 import hashlib
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,24 +18,22 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from kdprompt.config import DistillRecipe, dump_recipe, recipe_fingerprint
-from kdprompt.data.materialize import shards_for
-from kdprompt.data.shards import batches_per_epoch_for, read_sizes
-from kdprompt.errors import KdpromptError
 from kdprompt.io import write_json_atomic, write_text_atomic
 from kdprompt.train.checkpoint import (
     load_checkpoint,
     resolve_resume,
-    restore_rng_on_resume,
     rng_state,
     save_checkpoint,
 )
 from kdprompt.train.metrics import MetricsLog, plot_curves
 from kdprompt.train.runtime import (
+    StreamMeter,
     cosine_lr,
     ended_early,
+    epoch_plan,
     make_accelerator,
     set_lr,
-    shard_epoch,
+    stream_steps,
     write_data_record,
 )
 
@@ -126,13 +123,7 @@ def run_distill(recipe: DistillRecipe) -> Path:
     module = DistillModule(student, objectives)
     to_teacher = view_converter(student.train_transform, teacher.train_transform)
 
-    with accelerator.main_process_first():
-        urls = shards_for(recipe.data, recipe.split, recipe.shards_dir, recipe.shard_maxcount)
-    n_samples = read_sizes(urls)
-    if n_samples is None:
-        raise KdpromptError(f"no sizes.json beside the shards {urls[0]} ...: cannot size an epoch")
-    per_epoch = batches_per_epoch_for(n_samples, cfg.batch_size, world)
-    total_steps = cfg.max_steps or cfg.epochs * per_epoch
+    urls, _, per_epoch, total_steps = epoch_plan(recipe, world, accelerator)
     params = [p for p in module.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -181,61 +172,44 @@ def run_distill(recipe: DistillRecipe) -> Path:
             )
         accelerator.wait_for_everyone()
 
-    shards_read: set[str] = set()
     stop_at = min(total_steps, step + cfg.stop_after_steps) if cfg.stop_after_steps else total_steps
     warmup_steps = cfg.warmup_epochs * per_epoch
     bar = tqdm(total=total_steps, initial=step, disable=not main, desc=f"distill {recipe.name}", unit="step")
-    window_start, window_images = time.perf_counter(), 0
+    meter = StreamMeter(counters, world)
     module.train()
-    while step < stop_at:
-        epoch, skip = divmod(step, per_epoch)
-        batches = shard_epoch(
-            urls,
-            cfg,
-            core.student.train_transform,
-            seed=recipe.seed,
-            epoch=epoch,
-            skip=skip,
-            batches_per_epoch=per_epoch,
-            rank=rank,
-            world=world,
-        )
-        if restored_rng is not None:
-            restore_rng_on_resume(restored_rng, main, recipe.seed + 7919 * rank + step)
-            restored_rng = None
-        for batch in batches:
-            images = batch["image"].to(device, non_blocking=True)
-            set_lr(optimizer, cosine_lr(step, total_steps, cfg.lr, warmup_steps, cfg.warmup_lr))
-            with accelerator.autocast():
-                with torch.no_grad():
-                    t = teacher.encode_images(to_teacher(images)).float()
-                terms = module(images, t, text, logit_scale)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(terms["loss"])
-            optimizer.step()
-            step += 1
-            counters["corrupt"] += int(batch["corrupt"])
-            counters["samples"] += len(batch["key"])
-            shards_read.update(batch["url"])
-            window_images += len(batch["key"]) * world
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps:
-                row = {k: accelerator.reduce(v.detach().float(), "mean").item() for k, v in terms.items()}
-                row.update(
-                    epoch=epoch,
-                    lr=optimizer.param_groups[0]["lr"],
-                    images_per_s=window_images / max(time.perf_counter() - window_start, 1e-9),
-                    corrupt_samples=int(
-                        accelerator.reduce(torch.tensor(counters["corrupt"], device=device), "sum")
-                    ),
-                )
-                metrics.log(row, step)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
-                window_start, window_images = time.perf_counter(), 0
-            if recipe.checkpoint.every_steps and step % recipe.checkpoint.every_steps == 0 and step < stop_at:
-                checkpoint()
-            if step >= stop_at:
-                break
+    batches = stream_steps(
+        urls,
+        cfg,
+        core.student.train_transform,
+        seed=recipe.seed,
+        step=step,
+        stop_at=stop_at,
+        per_epoch=per_epoch,
+        rank=rank,
+        world=world,
+        restored_rng=restored_rng,
+        main=main,
+    )
+    for epoch, batch in batches:
+        images = batch["image"].to(device, non_blocking=True)
+        set_lr(optimizer, cosine_lr(step, total_steps, cfg.lr, warmup_steps, cfg.warmup_lr))
+        with accelerator.autocast():
+            with torch.no_grad():
+                t = teacher.encode_images(to_teacher(images)).float()
+            terms = module(images, t, text, logit_scale)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(terms["loss"])
+        optimizer.step()
+        step += 1
+        meter.record(batch)
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == total_steps:
+            row = {k: accelerator.reduce(v.detach().float(), "mean").item() for k, v in terms.items()}
+            row.update(epoch=epoch, lr=optimizer.param_groups[0]["lr"], **meter.window(accelerator))
+            metrics.log(row, step)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
+        if recipe.checkpoint.every_steps and step % recipe.checkpoint.every_steps == 0 and step < stop_at:
+            checkpoint()
     bar.close()
     checkpoint()
     if ended_early(step, total_steps, accelerator):
@@ -249,7 +223,7 @@ def run_distill(recipe: DistillRecipe) -> Path:
     digest = hashlib.sha256()
     for key, value in sorted(trainable().items()):
         digest.update(key.encode() + value.detach().cpu().contiguous().numpy().tobytes())
-    write_data_record(run_dir, rank, world, shards_read, counters, weights_sha256=digest.hexdigest())
+    write_data_record(run_dir, rank, world, meter.shards_read, counters, weights_sha256=digest.hexdigest())
     if main:
         _finish(recipe, core.student, teacher, cache, run_dir, step, world, counters)
     accelerator.wait_for_everyone()

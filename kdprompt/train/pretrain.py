@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +12,7 @@ from open_clip.loss import ClipLoss
 from tqdm.auto import tqdm
 
 from kdprompt.config import PretrainRecipe, ZeroShotEval, dump_recipe, recipe_fingerprint
-from kdprompt.data.materialize import shards_for
 from kdprompt.data.protocol import subsample_classes
-from kdprompt.data.shards import batches_per_epoch_for, read_sizes
 from kdprompt.data.sources import load_split
 from kdprompt.errors import KdpromptError
 from kdprompt.evaluate import TEMPLATE_SETS, zero_shot_accuracy
@@ -24,18 +21,19 @@ from kdprompt.models.loading import create_clip, save_clip_weights
 from kdprompt.train.checkpoint import (
     load_checkpoint,
     resolve_resume,
-    restore_rng_on_resume,
     rng_state,
     save_checkpoint,
 )
 from kdprompt.train.metrics import MetricsLog, plot_curves, read_jsonl
 from kdprompt.train.runtime import (
+    StreamMeter,
     cosine_lr,
     decay_groups,
     ended_early,
+    epoch_plan,
     make_accelerator,
     set_lr,
-    shard_epoch,
+    stream_steps,
     write_data_record,
 )
 
@@ -73,16 +71,7 @@ def run_pretrain(recipe: PretrainRecipe) -> Path:
     model = clip.model
     cfg = recipe.train
 
-    with accelerator.main_process_first():
-        urls = shards_for(recipe.data, recipe.split, recipe.shards_dir, recipe.shard_maxcount)
-    n_samples = read_sizes(urls)
-    if n_samples is None:
-        raise KdpromptError(
-            f"no sizes.json beside the shards {urls[0]} ...: cannot size an epoch; "
-            "write shards with `kdprompt shards` or add a sizes.json"
-        )
-    per_epoch = batches_per_epoch_for(n_samples, cfg.batch_size, world)
-    total_steps = cfg.max_steps or cfg.epochs * per_epoch
+    urls, n_samples, per_epoch, total_steps = epoch_plan(recipe, world, accelerator)
 
     optimizer = torch.optim.AdamW(
         decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6
@@ -122,74 +111,57 @@ def run_pretrain(recipe: PretrainRecipe) -> Path:
             )
         accelerator.wait_for_everyone()
 
-    shards_read: set[str] = set()
     stop_at = min(total_steps, step + cfg.stop_after_steps) if cfg.stop_after_steps else total_steps
     bar = tqdm(total=total_steps, initial=step, disable=not main, desc=f"pretrain {recipe.name}", unit="step")
-    window_start, window_images = time.perf_counter(), 0
+    meter = StreamMeter(counters, world)
     model.train()
-    while step < stop_at:
-        epoch, skip = divmod(step, per_epoch)
-        batches = shard_epoch(
-            urls,
-            cfg,
-            clip.preprocess_train,
-            seed=recipe.seed,
-            epoch=epoch,
-            skip=skip,
-            batches_per_epoch=per_epoch,
-            rank=rank,
-            world=world,
-        )
-        if restored_rng is not None:
-            # Restored after the replay so the next batch's augmentations match the interrupted run.
-            restore_rng_on_resume(restored_rng, main, recipe.seed + 7919 * rank + step)
-            restored_rng = None
-        for batch in batches:
-            images = batch["image"].to(accelerator.device, non_blocking=True)
-            tokens = clip.tokenizer(batch["text"]).to(accelerator.device)
-            with accelerator.autocast():
-                image_f, text_f, scale = model(images, tokens)[:3]
-                loss = loss_fn(image_f, text_f, scale)
-            set_lr(optimizer, cosine_lr(step, total_steps, cfg.lr, cfg.warmup_steps))
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            if cfg.grad_clip:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            with torch.no_grad():
-                accelerator.unwrap_model(model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-            step += 1
-            counters["corrupt"] += int(batch["corrupt"])
-            counters["samples"] += len(batch["key"])
-            shards_read.update(batch["url"])
-            window_images += len(batch["key"]) * world
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps:
-                mean_loss = accelerator.reduce(loss.detach().float(), "mean").item()
-                corrupt = int(
-                    accelerator.reduce(torch.tensor(counters["corrupt"], device=accelerator.device), "sum")
-                )
-                elapsed = time.perf_counter() - window_start
-                row = {
-                    "epoch": epoch,
-                    "loss": mean_loss,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "logit_scale": scale.detach().float().item(),
-                    "images_per_s": window_images / max(elapsed, 1e-9),
-                    "corrupt_samples": corrupt,
-                }
-                metrics.log(row, step)
-                bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{row['images_per_s']:.0f}")
-                window_start, window_images = time.perf_counter(), 0
-            if recipe.checkpoint.every_steps and step % recipe.checkpoint.every_steps == 0 and step < stop_at:
-                checkpoint()
-            if step >= stop_at:
-                break
+    batches = stream_steps(
+        urls,
+        cfg,
+        clip.preprocess_train,
+        seed=recipe.seed,
+        step=step,
+        stop_at=stop_at,
+        per_epoch=per_epoch,
+        rank=rank,
+        world=world,
+        restored_rng=restored_rng,
+        main=main,
+    )
+    for epoch, batch in batches:
+        images = batch["image"].to(accelerator.device, non_blocking=True)
+        tokens = clip.tokenizer(batch["text"]).to(accelerator.device)
+        with accelerator.autocast():
+            image_f, text_f, scale = model(images, tokens)[:3]
+            loss = loss_fn(image_f, text_f, scale)
+        set_lr(optimizer, cosine_lr(step, total_steps, cfg.lr, cfg.warmup_steps))
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        if cfg.grad_clip:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        with torch.no_grad():
+            accelerator.unwrap_model(model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        step += 1
+        meter.record(batch)
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == total_steps:
+            row = {
+                "epoch": epoch,
+                "loss": accelerator.reduce(loss.detach().float(), "mean").item(),
+                "lr": optimizer.param_groups[0]["lr"],
+                "logit_scale": scale.detach().float().item(),
+                **meter.window(accelerator),
+            }
+            metrics.log(row, step)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", img_s=f"{row['images_per_s']:.0f}")
+        if recipe.checkpoint.every_steps and step % recipe.checkpoint.every_steps == 0 and step < stop_at:
+            checkpoint()
     bar.close()
     checkpoint()
     if ended_early(step, total_steps, accelerator):
         return run_dir
-    write_data_record(run_dir, rank, world, shards_read, counters)
+    write_data_record(run_dir, rank, world, meter.shards_read, counters)
     results: dict[str, Any] = {"steps": step, "world_size": world, "samples_per_epoch": n_samples}
     if main:
         final = accelerator.unwrap_model(model)

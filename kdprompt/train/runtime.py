@@ -1,9 +1,11 @@
-"""What every training loop shares: the Accelerator, the learning-rate schedule, parameter groups."""
+"""What every training loop shares: the Accelerator, the learning-rate schedule, parameter groups, and
+the shard-streaming step loop of pretrain and distill."""
 
 from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -65,41 +67,117 @@ def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def shard_epoch(
+def epoch_plan(recipe: Any, world: int, accelerator: Accelerator) -> tuple[list[str], int, int, int]:
+    """The shards a streaming run reads and its schedule: ``(urls, samples, batches per epoch, total steps)``.
+
+    ``recipe`` has ``data``, ``split``, ``shards_dir``, ``shard_maxcount`` and a ``train`` config with
+    ``batch_size``, ``max_steps`` and ``epochs``. A non-shard source is written to shards once (by the
+    main process first).
+
+    Raises:
+        KdpromptError: the shards have no ``sizes.json``, so an epoch cannot be sized.
+    """
+    from kdprompt.data.materialize import shards_for
+    from kdprompt.data.shards import batches_per_epoch_for, read_sizes
+    from kdprompt.errors import KdpromptError
+
+    with accelerator.main_process_first():
+        urls = shards_for(recipe.data, recipe.split, recipe.shards_dir, recipe.shard_maxcount)
+    n_samples = read_sizes(urls)
+    if n_samples is None:
+        raise KdpromptError(
+            f"no sizes.json beside the shards {urls[0]} ...: cannot size an epoch; "
+            "write shards with `kdprompt shards` or add a sizes.json"
+        )
+    cfg = recipe.train
+    per_epoch = batches_per_epoch_for(n_samples, cfg.batch_size, world)
+    return urls, n_samples, per_epoch, cfg.max_steps or cfg.epochs * per_epoch
+
+
+def stream_steps(
     urls: list[str],
     cfg: Any,
     transform: Any,
     *,
     seed: int,
-    epoch: int,
-    skip: int,
-    batches_per_epoch: int,
+    step: int,
+    stop_at: int,
+    per_epoch: int,
     rank: int,
     world: int,
-) -> Iterator[dict]:
-    """This rank's batches of ``epoch`` from the shards, positioned after ``skip`` batches (a resumed run).
+    restored_rng: dict | None = None,
+    main: bool = True,
+) -> Iterator[tuple[int, dict]]:
+    """This rank's ``(epoch, batch)`` for steps ``step .. stop_at - 1``, one shard epoch at a time.
+
+    A resumed run (``step`` > 0) replays its epoch's data position, then restores the checkpoint's RNG
+    state (``restored_rng``) so the next batch's augmentations match the interrupted run. The caller
+    takes one optimiser step per batch; no batch is drawn after the last one.
 
     ``cfg`` is a train config with ``batch_size``, ``shuffle_buffer``, ``resampled`` and ``num_workers``.
     """
     from kdprompt.data.shards import make_loader
+    from kdprompt.train.checkpoint import restore_rng_on_resume
 
-    loader = make_loader(
-        urls,
-        batch_size=cfg.batch_size,
-        transform=transform,
-        shuffle_buffer=cfg.shuffle_buffer,
-        seed=seed,
-        epoch=epoch,
-        resampled=cfg.resampled,
-        batches_per_epoch=batches_per_epoch,
-        num_workers=cfg.num_workers,
-        rank=rank,
-        world_size=world,
-    )
-    batches = iter(loader)
-    for _ in range(skip):  # replay the data position of a resumed run
-        next(batches)
-    return batches
+    while step < stop_at:
+        epoch, skip = divmod(step, per_epoch)
+        loader = make_loader(
+            urls,
+            batch_size=cfg.batch_size,
+            transform=transform,
+            shuffle_buffer=cfg.shuffle_buffer,
+            seed=seed,
+            epoch=epoch,
+            resampled=cfg.resampled,
+            batches_per_epoch=per_epoch,
+            num_workers=cfg.num_workers,
+            rank=rank,
+            world_size=world,
+        )
+        batches = iter(loader)
+        for _ in range(skip):  # replay the data position of a resumed run
+            next(batches)
+        if restored_rng is not None:
+            restore_rng_on_resume(restored_rng, main, seed + 7919 * rank + step)
+            restored_rng = None
+        for batch in batches:
+            yield epoch, batch
+            step += 1
+            if step >= stop_at:
+                return
+
+
+class StreamMeter:
+    """What a shard-streaming loop counts: samples, corrupt samples, shards read, images/s per log window.
+
+    Args:
+        counters: ``{"corrupt": int, "samples": int}``, updated in place (checkpointed by the caller).
+        world: processes; images/s counts every rank's images.
+    """
+
+    def __init__(self, counters: dict[str, int], world: int) -> None:
+        self.counters = counters
+        self.world = world
+        self.shards_read: set[str] = set()
+        self._window_start, self._window_images = time.perf_counter(), 0
+
+    def record(self, batch: dict) -> None:
+        """Count one batch from :func:`stream_steps`."""
+        self.counters["corrupt"] += int(batch["corrupt"])
+        self.counters["samples"] += len(batch["key"])
+        self.shards_read.update(batch["url"])
+        self._window_images += len(batch["key"]) * self.world
+
+    def window(self, accelerator: Accelerator) -> dict[str, float | int]:
+        """``images_per_s`` since the last call and ``corrupt_samples`` over all ranks; starts a new window."""
+        elapsed = time.perf_counter() - self._window_start
+        corrupt = torch.tensor(self.counters["corrupt"], device=accelerator.device)
+        row = {
+            "images_per_s": self._window_images / max(elapsed, 1e-9),
+            "corrupt_samples": int(accelerator.reduce(corrupt, "sum")),
+        }
+        self._window_start, self._window_images = time.perf_counter(), 0
+        return row
 
 
 def ended_early(step: int, total_steps: int, accelerator: Accelerator) -> bool:
