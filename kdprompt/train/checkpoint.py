@@ -12,6 +12,7 @@ import json
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,3 +148,42 @@ def resolve_resume(resume: str | Path, directory: Path, fingerprint: str | None 
             f"{Path(path).parent}, or set resume=never to start over (its checkpoints will be replaced)"
         )
     return path
+
+
+def resume_training(
+    setting: Any, directory: Path, fingerprint: str, optimizer: torch.optim.Optimizer, *, main: bool = True
+) -> Checkpoint | None:
+    """Pick the checkpoint ``resume`` names (``auto``, ``never`` or a path) and restore the optimizer from it.
+
+    The caller restores its own tensors from ``Checkpoint.weights`` and its step, counters and RNG
+    state from ``step`` and ``state``. Returns None for a fresh run.
+    """
+    resume_from = resolve_resume(setting, directory, fingerprint)
+    if resume_from is None:
+        return None
+    ckpt = load_checkpoint(resume_from)
+    optimizer.load_state_dict(ckpt.state["optimizer"])
+    if main:
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"resuming from {resume_from} (step {ckpt.step})")
+    return ckpt
+
+
+def save_training_checkpoint(
+    accelerator: Any,
+    directory: Path,
+    step: int,
+    tensors: Callable[[], dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    counters: dict[str, Any],
+    meta: dict[str, Any],
+    keep_last: int,
+) -> None:
+    """Every rank calls this together; the main process writes ``tensors()`` with the optimizer state, the
+    counters and its RNG state, between two barriers (so no rank runs ahead of a half-written checkpoint)."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {"optimizer": optimizer.state_dict(), "counters": counters, "rng": rng_state()}
+        save_checkpoint(directory, step, tensors(), state, meta, keep_last)
+    accelerator.wait_for_everyone()

@@ -19,12 +19,7 @@ from tqdm.auto import tqdm
 
 from kdprompt.config import DistillRecipe, dump_recipe, recipe_fingerprint
 from kdprompt.io import write_json_atomic, write_text_atomic
-from kdprompt.train.checkpoint import (
-    load_checkpoint,
-    resolve_resume,
-    rng_state,
-    save_checkpoint,
-)
+from kdprompt.train.checkpoint import resume_training, save_training_checkpoint
 from kdprompt.train.metrics import MetricsLog, plot_curves
 from kdprompt.train.runtime import (
     StreamMeter,
@@ -135,14 +130,10 @@ def run_distill(recipe: DistillRecipe) -> Path:
     ]
     ckpt_dir = run_dir / "checkpoints"
     step, counters, restored_rng = 0, {"corrupt": 0, "samples": 0}, None
-    resume_from = resolve_resume(recipe.resume, ckpt_dir, fingerprint)
-    if resume_from is not None:
-        ckpt = load_checkpoint(resume_from)
+    ckpt = resume_training(recipe.resume, ckpt_dir, fingerprint, optimizer, main=main)
+    if ckpt is not None:
         module.load_state_dict(ckpt.weights, strict=False)
-        optimizer.load_state_dict(ckpt.state["optimizer"])
         step, counters, restored_rng = ckpt.step, dict(ckpt.state["counters"]), ckpt.state["rng"]
-        if main:
-            tqdm.write(f"resuming from {resume_from} (step {step})")
     module, optimizer = accelerator.prepare(module, optimizer)
     core: DistillModule = accelerator.unwrap_model(module)
 
@@ -159,18 +150,16 @@ def run_distill(recipe: DistillRecipe) -> Path:
         return state
 
     def checkpoint() -> None:
-        accelerator.wait_for_everyone()
-        if main:
-            state = {"optimizer": optimizer.state_dict(), "counters": counters, "rng": rng_state()}
-            save_checkpoint(
-                ckpt_dir,
-                step,
-                trainable(),
-                state,
-                {"total_steps": total_steps, "recipe_fingerprint": fingerprint},
-                recipe.checkpoint.keep_last,
-            )
-        accelerator.wait_for_everyone()
+        save_training_checkpoint(
+            accelerator,
+            ckpt_dir,
+            step,
+            trainable,
+            optimizer,
+            counters,
+            {"total_steps": total_steps, "recipe_fingerprint": fingerprint},
+            recipe.checkpoint.keep_last,
+        )
 
     stop_at = min(total_steps, step + cfg.stop_after_steps) if cfg.stop_after_steps else total_steps
     warmup_steps = cfg.warmup_epochs * per_epoch

@@ -18,12 +18,7 @@ from kdprompt.errors import KdpromptError
 from kdprompt.evaluate import TEMPLATE_SETS, zero_shot_accuracy
 from kdprompt.io import write_json_atomic, write_text_atomic
 from kdprompt.models.loading import create_clip, save_clip_weights
-from kdprompt.train.checkpoint import (
-    load_checkpoint,
-    resolve_resume,
-    rng_state,
-    save_checkpoint,
-)
+from kdprompt.train.checkpoint import resume_training, save_training_checkpoint
 from kdprompt.train.metrics import MetricsLog, plot_curves, read_jsonl
 from kdprompt.train.runtime import (
     StreamMeter,
@@ -78,15 +73,11 @@ def run_pretrain(recipe: PretrainRecipe) -> Path:
     )
     ckpt_dir = run_dir / "checkpoints"
     fingerprint = recipe_fingerprint(recipe)
-    resume_from = resolve_resume(recipe.resume, ckpt_dir, fingerprint)
     step, counters, restored_rng = 0, {"corrupt": 0, "samples": 0}, None
-    if resume_from is not None:
-        ckpt = load_checkpoint(resume_from)
+    ckpt = resume_training(recipe.resume, ckpt_dir, fingerprint, optimizer, main=main)
+    if ckpt is not None:
         model.load_state_dict(ckpt.weights)
-        optimizer.load_state_dict(ckpt.state["optimizer"])
         step, counters, restored_rng = ckpt.step, dict(ckpt.state["counters"]), ckpt.state["rng"]
-        if main:
-            tqdm.write(f"resuming from {resume_from} (step {step})")
     model, optimizer = accelerator.prepare(model, optimizer)
     loss_fn = ClipLoss(local_loss=False, gather_with_grad=True, rank=rank, world_size=world)
 
@@ -98,18 +89,16 @@ def run_pretrain(recipe: PretrainRecipe) -> Path:
     accelerator.init_trackers("pretrain")
 
     def checkpoint() -> None:
-        accelerator.wait_for_everyone()
-        if main:
-            state = {"optimizer": optimizer.state_dict(), "counters": counters, "rng": rng_state()}
-            save_checkpoint(
-                ckpt_dir,
-                step,
-                accelerator.unwrap_model(model).state_dict(),
-                state,
-                {"epoch": step // per_epoch, "total_steps": total_steps, "recipe_fingerprint": fingerprint},
-                recipe.checkpoint.keep_last,
-            )
-        accelerator.wait_for_everyone()
+        save_training_checkpoint(
+            accelerator,
+            ckpt_dir,
+            step,
+            lambda: accelerator.unwrap_model(model).state_dict(),
+            optimizer,
+            counters,
+            {"epoch": step // per_epoch, "total_steps": total_steps, "recipe_fingerprint": fingerprint},
+            recipe.checkpoint.keep_last,
+        )
 
     stop_at = min(total_steps, step + cfg.stop_after_steps) if cfg.stop_after_steps else total_steps
     bar = tqdm(total=total_steps, initial=step, disable=not main, desc=f"pretrain {recipe.name}", unit="step")

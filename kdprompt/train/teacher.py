@@ -23,13 +23,7 @@ from kdprompt.io import write_json_atomic, write_text_atomic
 from kdprompt.models.loading import create_clip
 from kdprompt.models.teacher import PromptedClip, save_teacher
 from kdprompt.objectives import accumulate_gpa, gaussian_epoch_weights, promptsrc_losses
-from kdprompt.train.checkpoint import (
-    load_checkpoint,
-    resolve_resume,
-    restore_rng_on_resume,
-    rng_state,
-    save_checkpoint,
-)
+from kdprompt.train.checkpoint import restore_rng_on_resume, resume_training, save_training_checkpoint
 from kdprompt.train.metrics import MetricsLog, plot_curves
 from kdprompt.train.runtime import cosine_lr, ended_early, make_accelerator, set_lr
 
@@ -142,17 +136,13 @@ def run_teacher(recipe: TeacherRecipe) -> Path:
     best: dict[str, torch.Tensor] | None = None
     counters: dict[str, Any] = {"gpa_weight": 0.0, "best_val": -1.0, "best_epoch": -1}
     fingerprint = recipe_fingerprint(recipe)
-    resume_from = resolve_resume(recipe.resume, ckpt_dir, fingerprint)
-    if resume_from is not None:
-        ckpt = load_checkpoint(resume_from)
+    ckpt = resume_training(recipe.resume, ckpt_dir, fingerprint, optimizer, main=main)
+    if ckpt is not None:
         learner_state = {k[len("learner.") :]: v for k, v in ckpt.weights.items() if k.startswith("learner.")}
         model.learner.load_state_dict(learner_state)
         gpa = {k[len("gpa.") :]: v for k, v in ckpt.weights.items() if k.startswith("gpa.")} or None
         best = {k[len("best.") :]: v for k, v in ckpt.weights.items() if k.startswith("best.")} or None
-        optimizer.load_state_dict(ckpt.state["optimizer"])
         step, counters, restored_rng = ckpt.step, dict(ckpt.state["counters"]), ckpt.state["rng"]
-        if main:
-            tqdm.write(f"resuming from {resume_from} (step {step})")
     model, optimizer = accelerator.prepare(model, optimizer)
     core: PromptedClip = accelerator.unwrap_model(model)
     class_tokens = core.class_tokens(classnames)
@@ -167,21 +157,22 @@ def run_teacher(recipe: TeacherRecipe) -> Path:
     accelerator.init_trackers("teacher")
 
     def checkpoint(epoch_end: bool) -> None:
-        accelerator.wait_for_everyone()
-        if main:
-            tensors = {f"learner.{k}": v for k, v in _trainable_state(core).items()}
-            tensors.update({f"gpa.{k}": v for k, v in (gpa or {}).items()})
-            tensors.update({f"best.{k}": v for k, v in (best or {}).items()})
-            state = {"optimizer": optimizer.state_dict(), "counters": counters, "rng": rng_state()}
-            save_checkpoint(
-                ckpt_dir,
-                step,
-                tensors,
-                state,
-                {"epoch_end": epoch_end, "total_steps": total_steps, "recipe_fingerprint": fingerprint},
-                recipe.checkpoint.keep_last,
-            )
-        accelerator.wait_for_everyone()
+        def tensors() -> dict[str, torch.Tensor]:
+            out = {f"learner.{k}": v for k, v in _trainable_state(core).items()}
+            out.update({f"gpa.{k}": v for k, v in (gpa or {}).items()})
+            out.update({f"best.{k}": v for k, v in (best or {}).items()})
+            return out
+
+        save_training_checkpoint(
+            accelerator,
+            ckpt_dir,
+            step,
+            tensors,
+            optimizer,
+            counters,
+            {"epoch_end": epoch_end, "total_steps": total_steps, "recipe_fingerprint": fingerprint},
+            recipe.checkpoint.keep_last,
+        )
 
     dataset = SplitDataset(train, core.train_transform)
     stop_at = min(total_steps, step + cfg.stop_after_steps) if cfg.stop_after_steps else total_steps
