@@ -5,13 +5,26 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 
-from kdprompt.cli_common import resolve_device, user_errors
+from kdprompt.cli_common import CONTEXT_SETTINGS, resolve_device, user_errors
 from kdprompt.errors import KdpromptError
 
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+def runtime_options(fn: Any) -> Any:
+    """``--backend`` and ``--device``: how a command runs a bundle's image encoder."""
+    fn = click.option(
+        "--device", default="cpu", show_default=True, help="torch backend: cpu, cuda, cuda:N or auto."
+    )(fn)
+    return click.option(
+        "--backend",
+        type=click.Choice(["torch", "onnx"]),
+        default="torch",
+        show_default=True,
+        help="Run the image encoder with torch, or its ONNX graph on onnxruntime (CPU; bundles exported with --onnx).",
+    )(fn)
 
 
 def _size(path: Path) -> int:
@@ -30,7 +43,7 @@ def _human(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-@click.command("export", context_settings=CONTEXT)
+@click.command("export", context_settings=CONTEXT_SETTINGS)
 @click.argument("student_run", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
@@ -111,7 +124,7 @@ def iter_image_files(inputs: tuple[Path, ...]) -> Iterator[Path]:
             raise KdpromptError(f"{item} does not exist; give image files or directories of images")
 
 
-@click.command("predict", context_settings=CONTEXT)
+@click.command("predict", context_settings=CONTEXT_SETTINGS)
 @click.argument("bundle_dir", metavar="BUNDLE", type=click.Path(path_type=Path))
 @click.argument("inputs", metavar="IMAGE_OR_DIR...", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--k", "k", type=click.IntRange(min=1), default=5, show_default=True, help="Classes per image.")
@@ -119,14 +132,7 @@ def iter_image_files(inputs: tuple[Path, ...]) -> Iterator[Path]:
 @click.option(
     "--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per batch."
 )
-@click.option(
-    "--backend",
-    type=click.Choice(["torch", "onnx"]),
-    default="torch",
-    show_default=True,
-    help="Run the encoder with torch or with onnxruntime (bundles exported with --onnx).",
-)
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto (torch backend).")
+@runtime_options
 @user_errors
 def predict_command(
     bundle_dir: Path,

@@ -8,13 +8,13 @@ from typing import Any
 import click
 
 from kdprompt import __version__
-from kdprompt.cli_common import echo_main, user_errors
+from kdprompt.cli_common import CONTEXT_SETTINGS, echo_main, user_errors
 from kdprompt.errors import KdpromptError
 
 OVERRIDES_HELP = "Recipe overrides as key.sub=value (YAML values), applied after the recipe file."
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(context_settings=CONTEXT_SETTINGS)
 @click.version_option(__version__, prog_name="kdprompt")
 def main() -> None:
     """kdprompt: distill compact CLIP students from prompt-learned teachers.

@@ -12,6 +12,9 @@ import click
 
 from kdprompt.errors import KdpromptError
 
+# Every command: -h as well as --help, and help text wrapped at 100 columns.
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Print a :class:`KdpromptError` as one message and exit 2, instead of a traceback."""

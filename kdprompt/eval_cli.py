@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from kdprompt.cli_common import resolve_device, user_errors
+from kdprompt.cli_common import CONTEXT_SETTINGS, resolve_device, user_errors
 from kdprompt.errors import KdpromptError
 
 DEFAULT_OUT = Path("runs/eval")
@@ -59,7 +59,7 @@ def _resolve_data(
     return validate_recipe(DataSection, {"data": raw}, origin=f"the data config of {origin}").data
 
 
-@click.command("eval", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command("eval", context_settings=CONTEXT_SETTINGS)
 @click.argument("overrides", nargs=-1)
 @click.option(
     "--zero-shot",

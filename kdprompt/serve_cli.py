@@ -14,12 +14,12 @@ from typing import Any
 
 import click
 
-from kdprompt.cli_common import resolve_device, user_errors
+from kdprompt.bundle_cli import runtime_options
+from kdprompt.cli_common import CONTEXT_SETTINGS, resolve_device, user_errors
 from kdprompt.errors import KdpromptError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MAX_BENCH_IMAGES = 256
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 def _load(bundle_dir: Path, backend: str, device: str) -> Any:
@@ -46,16 +46,6 @@ def _bundle_options(fn: Any) -> Any:
     """Options shared by ``serve`` and ``bench serve``: how the bundle runs and batches."""
     options = [
         click.option(
-            "--backend",
-            type=click.Choice(["torch", "onnx"]),
-            default="torch",
-            show_default=True,
-            help="Run the image encoder with torch, or its ONNX graph on onnxruntime (CPU).",
-        ),
-        click.option(
-            "--device", default="cpu", show_default=True, help="torch backend: cpu, cuda, cuda:N or auto."
-        ),
-        click.option(
             "--max-batch",
             type=click.IntRange(min=1),
             default=32,
@@ -72,10 +62,10 @@ def _bundle_options(fn: Any) -> Any:
     ]
     for option in reversed(options):
         fn = option(fn)
-    return fn
+    return runtime_options(fn)
 
 
-@click.command("serve", context_settings=CONTEXT)
+@click.command("serve", context_settings=CONTEXT_SETTINGS)
 @click.argument("bundle_dir", metavar="BUNDLE", type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
 @click.option(
@@ -237,7 +227,7 @@ def _table(figures: dict[str, Any]) -> str:
     return "\n".join([head, rule, row])
 
 
-@click.command("serve", context_settings=CONTEXT)
+@click.command("serve", context_settings=CONTEXT_SETTINGS)
 @click.argument("bundle_dir", metavar="BUNDLE", type=click.Path(path_type=Path))
 @click.option(
     "--requests",
