@@ -68,14 +68,16 @@ def _read_teacher_meta(student_meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _image_tower_parameters(model_name: str) -> int:
-    """Parameters of a model's image tower, counted on a randomly initialised copy (no weights needed)."""
+    """Parameters of a model's image tower, counted from its config alone (no weights needed)."""
     import open_clip
 
     from kdprompt.deploy.encoder import build_visual
     from kdprompt.models.loading import resolve_model_name
 
     config = open_clip.get_model_config(resolve_model_name(model_name))
-    return sum(p.numel() for p in build_visual(config).parameters())
+    # Shapes are all a count needs: build on the meta device, with no memory and no initialisation.
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_visual(config).parameters())
 
 
 def export_bundle(
@@ -119,12 +121,7 @@ def export_bundle(
     if out.exists() and not (out / MANIFEST_FILE).is_file() and any(out.iterdir()):
         raise KdpromptError(f"{out} exists and is not a bundle; refusing to replace it, choose another OUT")
     meta = json.loads((student_dir / STUDENT_FILE).read_text(encoding="utf-8"))
-    student, cache = load_student(student_dir)
-    if cache_dir is not None:
-        from kdprompt.cache import load_cache
-
-        # The student maps images into its teacher's space: only that teacher's text features fit.
-        cache = load_cache(Path(cache_dir), expect_fingerprint=meta["teacher"]["fingerprint"])
+    student, cache = load_student(student_dir, cache_path=cache_dir)
     if cache.path is None:
         raise KdpromptError(f"student {student_dir} has no cache directory to ship")
     encoder, projector_specs = ImageEncoder.from_student(student)

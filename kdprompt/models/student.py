@@ -181,8 +181,20 @@ def save_student(
     )
 
 
-def load_student(path: Any, device: str | torch.device = "cpu") -> tuple[Student, Any]:
-    """Rebuild a student and load its cache from ``runs/<name>/student``."""
+def load_student(
+    path: Any, device: str | torch.device = "cpu", cache_path: Any = None
+) -> tuple[Student, Any]:
+    """Rebuild a student from ``runs/<name>/student`` and load its text-feature cache.
+
+    Args:
+        path: the student directory.
+        device: where the student lives.
+        cache_path: another cache of the same teacher (e.g. another class list) instead of the one the
+            student trained with.
+
+    Raises:
+        KdpromptError: not a student directory, or a cache that is missing, damaged or of another teacher.
+    """
     import json
     from pathlib import Path
 
@@ -209,7 +221,11 @@ def load_student(path: Any, device: str | torch.device = "cpu") -> tuple[Student
             "model": ModelSpec(**{k: spec_fields[k] for k in ("name", "pretrained", "precision")}),
         }
     )
-    cache = load_cache(Path(meta["cache"]["path"]), expect_fingerprint=meta["cache"]["teacher_fingerprint"])
+    # The student maps images into its teacher's space: only that teacher's text features fit.
+    cache = load_cache(
+        Path(cache_path if cache_path is not None else meta["cache"]["path"]),
+        expect_fingerprint=meta["cache"]["teacher_fingerprint"],
+    )
     # student.safetensors holds the whole image tower: the base weights need not be read (or downloaded).
     clip = create_clip(cfg.model, device=device, load_weights=False)
     student = Student(clip, cfg, out_dim=int(meta["embed_dim"]))
