@@ -1,4 +1,9 @@
-"""One registry per extensible concept (sources, prompt methods, objectives, adaptations)."""
+"""One registry per extensible concept (data sources, prompt methods, objectives, adaptations, projectors).
+
+An entry is registered under a name with a decorator; entries a recipe picks by name carry their own
+recipe config (a pydantic model, as the entry's ``Config`` attribute or the entry itself), so adding a
+concept is one new file that registers itself.
+"""
 
 from __future__ import annotations
 
@@ -28,18 +33,28 @@ class Registry(Generic[T]):
 
         return add
 
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (tests and plugins that register temporary entries)."""
+        self._items.pop(name, None)
+
     def get(self, name: str) -> T:
         """Return the object registered as ``name``."""
         try:
             return self._items[name]
-        except KeyError:
-            raise KdpromptError(
-                f"unknown {self.kind} {name!r}; available: {', '.join(sorted(self._items))}"
-            ) from None
+        except (KeyError, TypeError):
+            raise KdpromptError(self.unknown_message(name)) from None
+
+    def unknown_message(self, name: object) -> str:
+        """``unknown <kind> 'x'; available: a, b`` (what every lookup error says)."""
+        return f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}"
 
     def names(self) -> list[str]:
         """Sorted registered names."""
         return sorted(self._items)
+
+    def in_order(self) -> list[str]:
+        """Registered names in registration order (built-ins first, in the order their package lists them)."""
+        return list(self._items)
 
     def __contains__(self, name: object) -> bool:
         return name in self._items

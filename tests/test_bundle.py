@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import kdprompt
-from kdprompt.config import StudentConfig
+from kdprompt.models.student import StudentConfig
 from kdprompt.data.sources import load_split
 from kdprompt.deploy import export_bundle, load_bundle
 from kdprompt.deploy.encoder import (
@@ -323,7 +323,7 @@ def test_export_needs_no_base_weights_of_the_student(student_run, bundle_dir, tm
 
 
 def test_export_ships_another_class_list_of_the_same_teacher(cli, student_run, tmp_path):
-    from kdprompt.cache import build_cache
+    from kdprompt.text_features import build_cache
 
     classes = tmp_path / "classes.txt"
     classes.write_text("teal hexagon\nred circle\nmagenta star\n")

@@ -14,7 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import kdprompt
-from kdprompt.cache import (
+from kdprompt.errors import KdpromptError
+from kdprompt.text_features import (
     FEATURES_FILE,
     INDEX_FILE,
     MANIFEST_FILE,
@@ -24,7 +25,6 @@ from kdprompt.cache import (
     load_cache,
     read_classnames_file,
 )
-from kdprompt.errors import KdpromptError
 
 FP = "a" * 64
 OTHER_FP = "b" * 64

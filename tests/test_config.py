@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from kdprompt.config import (
-    RECIPE_MODELS,
-    PretrainRecipe,
-    apply_overrides,
-    builtin_recipes,
-    find_recipe,
-    load_recipe,
-    read_recipe_yaml,
-)
+from kdprompt.config.loading import builtin_recipes, find_recipe, load_recipe, read_recipe_yaml
+from kdprompt.config.overrides import apply_overrides
+from kdprompt.config.pretrain import PretrainRecipe
+from kdprompt.config.recipes import RECIPE_MODELS
 from kdprompt.errors import KdpromptError
 
 

@@ -24,7 +24,7 @@ from fixtures_coop import (
     write_image,
 )
 
-from kdprompt.data.config import COOP_DATASETS, CoopData
+from kdprompt.data.coop import COOP_DATASETS, CoopData
 from kdprompt.data.coop import COOP_LAYOUT, coop_paths, load_coop_split
 from kdprompt.data.protocol import few_shot, subsample_classes
 from kdprompt.data.sources import SOURCES
@@ -47,7 +47,7 @@ def load(root: Path, dataset: str, split: str):
 
 
 def test_registered_and_table_covers_every_dataset():
-    assert SOURCES.get("coop") is load_coop_split
+    assert SOURCES.get("coop") is CoopData
     assert set(COOP_LAYOUT) == set(COOP_DATASETS)
 
 

@@ -10,12 +10,14 @@ import torch
 from conftest import TINY_WORLD, accelerate_launch, train_tiny_teacher
 from safetensors.torch import load_file
 
-from kdprompt.cache import build_cache, load_cache
-from kdprompt.config import DistillRecipe, StudentConfig, load_recipe
+from kdprompt.config.distill import DistillRecipe
+from kdprompt.config.loading import load_recipe
+from kdprompt.models.student import StudentConfig
 from kdprompt.models import ModelSpec, create_clip
 from kdprompt.models.student import Student, count_parameters, load_student
 from kdprompt.models.teacher import load_teacher
 from kdprompt.objectives import DistillObjectives
+from kdprompt.text_features import build_cache, load_cache
 
 pytestmark = pytest.mark.slow
 

@@ -186,7 +186,8 @@ def check_kdprompt_argv(argv: list[str], where: str) -> None:
 
     positional = [a for a in args if not a.startswith("-")]
     if path[1:] in (["teacher"], ["distill"], ["pretrain"]):
-        from kdprompt.config import RECIPE_MODELS, builtin_recipes, load_recipe
+        from kdprompt.config.loading import builtin_recipes, load_recipe
+        from kdprompt.config.recipes import RECIPE_MODELS
 
         recipe, overrides = positional[0], positional[1:]
         assert recipe in builtin_recipes(), f"{where}: no built-in recipe {recipe!r}"
@@ -195,10 +196,10 @@ def check_kdprompt_argv(argv: list[str], where: str) -> None:
         except KdpromptError as exc:  # an unknown key or a bad value in the overrides
             pytest.fail(f"{where}: `{' '.join(path + args)}`: {exc}")
     elif path[1:] == ["shards"]:
-        from kdprompt.cli import _data_config
+        from kdprompt.data.from_src import data_config_from_src
 
         try:
-            _data_config(positional[0], tuple(positional[2:]))
+            data_config_from_src(positional[0], tuple(positional[2:]))
         except KdpromptError as exc:
             pytest.fail(f"{where}: `{' '.join(path + args)}`: {exc}")
 

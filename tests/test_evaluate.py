@@ -11,12 +11,13 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from PIL import Image
 
-from kdprompt.data.config import SyntheticData
+from kdprompt.classifiers import parse_zero_shot
+from kdprompt.cli.evaluation import eval_command
 from kdprompt.data.protocol import subsample_classes
 from kdprompt.data.sources import load_split
+from kdprompt.data.synthetic import SyntheticData
 from kdprompt.data.types import Sample, Split
 from kdprompt.errors import KdpromptError
-from kdprompt.eval_cli import eval_command, parse_zero_shot
 from kdprompt.evaluate import (
     ImageTextClassifier,
     ZeroShotClassifier,

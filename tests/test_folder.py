@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from fixtures_coop import write_image
 
-from kdprompt.data.config import FolderData
+from kdprompt.data.folder import FolderData
 from kdprompt.data.folder import load_folder_split, split_dirs
 from kdprompt.data.sources import SOURCES
 from kdprompt.data.types import load_image
@@ -26,7 +26,7 @@ def make_tree(root: Path, layout: dict[str, list[str]]) -> None:
 
 
 def test_registered():
-    assert SOURCES.get("folder") is load_folder_split
+    assert SOURCES.get("folder") is FolderData
 
 
 def test_split_folders_round_trip(tmp_path):

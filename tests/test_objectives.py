@@ -8,13 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from kdprompt.config import (
-    CRDObjectiveConfig,
-    FDObjectiveConfig,
-    ICLObjectiveConfig,
-    KLObjectiveConfig,
-    ObjectivesConfig,
-)
+from kdprompt.objectives.crd import CRDObjectiveConfig
+from kdprompt.objectives.fd import FDObjectiveConfig
+from kdprompt.objectives.icl import ICLObjectiveConfig
+from kdprompt.objectives.kl import KLObjectiveConfig
 from kdprompt.errors import KdpromptError
 from kdprompt.objectives import OBJECTIVES, DistillBatch, DistillObjectives
 
@@ -224,7 +221,7 @@ def test_registry_names():
 
 
 def test_combiner_weights_and_total(batch):
-    cfg = ObjectivesConfig(
+    cfg = dict(
         kl=KLObjectiveConfig(weight=1000.0, reduction="mean"),
         fd=FDObjectiveConfig(weight=2000.0),
         icl=ICLObjectiveConfig(weight=0.5),
@@ -248,7 +245,7 @@ def test_combiner_weights_and_total(batch):
 
 
 def test_combiner_only_named_objectives(batch):
-    objectives = DistillObjectives(ObjectivesConfig(fd=FDObjectiveConfig(weight=2.0)))
+    objectives = DistillObjectives(dict(fd=FDObjectiveConfig(weight=2.0)))
     out = objectives(batch)
     assert objectives.names == ["fd"] and set(out) == {"fd", "loss"}
     assert list(objectives.parameters()) == []
@@ -256,13 +253,13 @@ def test_combiner_only_named_objectives(batch):
 
 
 def test_combiner_keeps_icl_temperature_in_state(batch):
-    objectives = DistillObjectives(ObjectivesConfig(icl=ICLObjectiveConfig(init_temperature=0.1)))
+    objectives = DistillObjectives(dict(icl=ICLObjectiveConfig(init_temperature=0.1)))
     params = dict(objectives.named_parameters())
     assert list(params) == ["terms.icl.log_scale"]
     objectives(batch)["loss"].backward()
     assert params["terms.icl.log_scale"].grad is not None
     state = objectives.state_dict()
-    fresh = DistillObjectives(ObjectivesConfig(icl=ICLObjectiveConfig()))
+    fresh = DistillObjectives(dict(icl=ICLObjectiveConfig()))
     fresh.load_state_dict(state)
     assert fresh.terms["icl"].scale.item() == pytest.approx(10.0, rel=1e-6)
 
@@ -274,7 +271,7 @@ def test_combiner_runs_in_float32_under_autocast(batch):
         text=batch.text,
         logit_scale=torch.tensor(LAMBDA),
     )
-    objectives = DistillObjectives(ObjectivesConfig(kl=KLObjectiveConfig()))
+    objectives = DistillObjectives(dict(kl=KLObjectiveConfig()))
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         out = objectives(half)
     assert out["loss"].dtype == torch.float32
@@ -284,4 +281,4 @@ def test_no_objective_is_an_error():
     with pytest.raises(
         KdpromptError, match=r"name at least one objective under `objectives:` \(kl, fd, icl, crd\)"
     ):
-        DistillObjectives(ObjectivesConfig())
+        DistillObjectives(dict())

@@ -76,7 +76,7 @@ def server(bundle_dir, tmp_path_factory):
     cmd = [
         sys.executable,
         "-c",
-        "from kdprompt.serve_cli import serve_command; serve_command()",
+        "from kdprompt.cli.deployment import serve_command; serve_command()",
         str(bundle_dir),
         "--port",
         "0",
@@ -288,7 +288,7 @@ def test_full_queue_answers_503_with_retry_after_and_big_bodies_413(local_bundle
 def test_serve_command_on_a_non_bundle_exits_2(tmp_path):
     from click.testing import CliRunner
 
-    from kdprompt.serve_cli import serve_command
+    from kdprompt.cli.deployment import serve_command
 
     result = CliRunner().invoke(serve_command, [str(tmp_path), "--port", "0"])
     assert result.exit_code == 2, result.output
@@ -301,7 +301,7 @@ def test_serve_command_without_the_extra_names_the_fix(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     import kdprompt.deploy.serve
-    from kdprompt.serve_cli import serve_command
+    from kdprompt.cli.deployment import serve_command
 
     real = importlib.util.find_spec
     monkeypatch.setattr(
@@ -321,7 +321,7 @@ def test_serve_command_without_the_extra_names_the_fix(tmp_path, monkeypatch):
 def test_bench_serve_command(bundle_dir):
     from click.testing import CliRunner
 
-    from kdprompt.serve_cli import bench_serve_command
+    from kdprompt.cli.benchmarks import bench_serve_command
 
     result = CliRunner().invoke(
         bench_serve_command, [str(bundle_dir), "--requests", "40", "--concurrency", "4", "--json"]

@@ -1,4 +1,4 @@
-"""Shard writing, URL expansion, streaming and in-memory reading (kdprompt.data.shards)."""
+"""Shard writing, URL expansion, streaming and in-memory reading (kdprompt.data.shard_*, kdprompt.data.shards)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from kdprompt.data.config import ShardsData
-from kdprompt.data.shards import (
-    batches_per_epoch_for,
-    expand_urls,
-    load_shards_split,
-    make_loader,
-    read_sizes,
-    write_shards,
-)
+from kdprompt.data.shard_reader import batches_per_epoch_for, make_loader
+from kdprompt.data.shard_urls import expand_urls, read_sizes
+from kdprompt.data.shard_writer import write_shards
+from kdprompt.data.shards import ShardsData, load_shards_split
 from kdprompt.data.types import Sample, Split
 from kdprompt.errors import KdpromptError
 
@@ -219,7 +214,7 @@ def test_corrupt_member_skipped_and_counted(tmp_path, caplog):
     assert "bad" in caplog.text and "train-000002.tar" in caplog.text
 
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="kdprompt.data.shards"):
+    with caplog.at_level(logging.WARNING, logger="kdprompt.data.shard_reader"):
         batches = collect(
             make_loader(pattern, batch_size=3, transform=to_tensor, shuffle_buffer=4, drop_last=False)
         )

@@ -7,8 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from kdprompt.data.config import ShardsData
-from kdprompt.data.shards import load_shards_split
+from kdprompt.data.shards import ShardsData, load_shards_split
 
 
 def make_folder(root, classes=("cat", "red_car"), per_class=3):

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from kdprompt.data import synthetic as syn
-from kdprompt.data.config import SyntheticData
+from kdprompt.data.synthetic import SyntheticData
 from kdprompt.data.sources import SOURCES
 from kdprompt.data.splitfile import read_split_file
 from kdprompt.data.types import load_image
@@ -149,7 +149,7 @@ def test_incomplete_world_is_rebuilt(tmp_path):
 
 @pytest.mark.parametrize("domain", ["pretrain", "downstream"])
 def test_load_synthetic_split_round_trip(tmp_path, domain):
-    assert SOURCES.get("synthetic") is syn.load_synthetic_split
+    assert SOURCES.get("synthetic") is syn.SyntheticData
     cfg = small(tmp_path, domain=domain, image_size=48)
     data = syn.load_synthetic_split(cfg, "test")
     assert data.name == "test" and data.classnames == syn.class_names()

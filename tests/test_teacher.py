@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from conftest import accelerate_launch
 from safetensors.torch import load_file
 
-from kdprompt.cache import load_cache
-from kdprompt.config import MaPLeMethod, PromptSRCMethod
+from kdprompt.models.prompt_methods import MaPLeConfig, PromptSRCConfig
 from kdprompt.errors import KdpromptError
 from kdprompt.models import ModelSpec, create_clip
 from kdprompt.models.teacher import PromptedClip, load_teacher
-from kdprompt.objectives import gaussian_epoch_weights
+from kdprompt.models.prompt_methods.promptsrc import gaussian_epoch_weights
+from kdprompt.text_features import load_cache
 from kdprompt.train.checkpoint import list_checkpoints, load_checkpoint
 
 CLASSES = ["red circle", "blue star", "green ring"]
@@ -25,7 +25,7 @@ CLASSES = ["red circle", "blue star", "green ring"]
 def test_promptsrc_init_equals_frozen_text_features():
     torch.manual_seed(0)
     clip = create_clip(ModelSpec(name="kd-tiny-teacher"))
-    model = PromptedClip(clip, PromptSRCMethod(text_depth=1, vision_depth=2), name="t")
+    model = PromptedClip(clip, PromptSRCConfig(text_depth=1, vision_depth=2), name="t")
     with torch.no_grad():
         prompted = model.class_features(CLASSES)
         frozen = F.normalize(
@@ -37,7 +37,7 @@ def test_promptsrc_init_equals_frozen_text_features():
 def test_deep_prompts_change_features_and_only_prompts_train():
     torch.manual_seed(0)
     clip = create_clip(ModelSpec(name="kd-tiny-teacher"))
-    model = PromptedClip(clip, PromptSRCMethod(text_depth=3, vision_depth=3), name="t")
+    model = PromptedClip(clip, PromptSRCConfig(text_depth=3, vision_depth=3), name="t")
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(n.startswith("learner.") for n in trainable)
     images = torch.randn(2, 3, 32, 32)
@@ -53,7 +53,7 @@ def test_maple_couplings_take_widths_from_the_model(tmp_path):
     }
     path = tmp_path / "kd-odd-widths.json"
     path.write_text(json.dumps(cfg))
-    model = PromptedClip(create_clip(ModelSpec(name=str(path))), MaPLeMethod(depth=3), name="m")
+    model = PromptedClip(create_clip(ModelSpec(name=str(path))), MaPLeConfig(depth=3), name="m")
     shapes = [tuple(c.weight.shape) for c in model.learner.couplings]
     assert shapes == [(96, 64)] * 3
     with torch.no_grad():
@@ -64,11 +64,11 @@ def test_maple_couplings_take_widths_from_the_model(tmp_path):
 def test_prompt_depth_beyond_the_model_names_the_field():
     clip = create_clip(ModelSpec(name="kd-tiny-teacher"))
     with pytest.raises(KdpromptError, match=r"method.vision_depth is 9, but the tower has 4 blocks"):
-        PromptedClip(clip, PromptSRCMethod(text_depth=2, vision_depth=9), name="t")
+        PromptedClip(clip, PromptSRCConfig(text_depth=2, vision_depth=9), name="t")
     with pytest.raises(
         KdpromptError, match="ctx_init 'a photo of a' is 4 tokens but the context length is 2"
     ):
-        PromptedClip(clip, PromptSRCMethod(n_ctx_text=2, text_depth=2, vision_depth=2), name="t")
+        PromptedClip(clip, PromptSRCConfig(n_ctx_text=2, text_depth=2, vision_depth=2), name="t")
 
 
 def test_gaussian_weights():

@@ -9,14 +9,27 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
-from kdprompt.data.config import COOP_DATASETS, CoopData
 from kdprompt.data.folder import is_image_file
-from kdprompt.data.sources import SOURCES
+from kdprompt.data.source import SOURCES, DataSource
 from kdprompt.data.splitfile import classnames_from_samples, read_split_file
 from kdprompt.data.types import SPLITS, Sample, Split
 from kdprompt.errors import KdpromptError
+
+COOP_DATASETS = (
+    "imagenet",
+    "caltech101",
+    "oxford_pets",
+    "stanford_cars",
+    "oxford_flowers",
+    "food101",
+    "fgvc_aircraft",
+    "sun397",
+    "dtd",
+    "eurosat",
+    "ucf101",
+)
 
 DATASETS_MD = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
 
@@ -87,7 +100,6 @@ def _require(dataset: str, paths: list[Path]) -> None:
         )
 
 
-@SOURCES.register("coop")
 def load_coop_split(cfg: CoopData, split: str) -> Split:
     """Load split ``split`` of the CoOp dataset ``cfg.dataset`` under ``cfg.root``.
 
@@ -208,3 +220,16 @@ __all__ = [
     "coop_paths",
     "load_coop_split",
 ]
+
+
+@SOURCES.register("coop")
+class CoopData(DataSource):
+    """One of the 11 CoOp base-to-novel datasets in the CoOp/Dassl layout under ``root``."""
+
+    source: Literal["coop"] = "coop"
+    root: Path
+    dataset: Literal[COOP_DATASETS]  # type: ignore[valid-type]
+
+    def load_split(self, split: str) -> Split:
+        """See :func:`load_coop_split`."""
+        return load_coop_split(self, split)

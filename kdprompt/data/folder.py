@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
-from kdprompt.data.config import FolderData
-from kdprompt.data.sources import SOURCES
-from kdprompt.data.types import SPLITS, Sample, Split
+from kdprompt.data.source import SOURCES, DataSource
+from kdprompt.data.types import IMAGE_SUFFIXES, SPLITS, Sample, Split
 from kdprompt.errors import KdpromptError
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 def is_image_file(name: str) -> bool:
     """Whether ``name`` has an image extension (case-insensitive) and is not hidden."""
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+    return not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)
 
 
 def classname_of(folder: str) -> str:
@@ -56,7 +54,6 @@ def split_dirs(root: Path) -> dict[str, Path]:
     return found
 
 
-@SOURCES.register("folder")
 def load_folder_split(cfg: FolderData, split: str) -> Split:
     """Load split ``split`` of a class-per-subfolder image tree under ``cfg.root``.
 
@@ -107,4 +104,16 @@ def load_folder_split(cfg: FolderData, split: str) -> Split:
     return Split(samples=samples, classnames=classnames, name=split, meta=meta)
 
 
-__all__ = ["IMAGE_EXTENSIONS", "classname_of", "is_image_file", "load_folder_split", "split_dirs"]
+__all__ = ["classname_of", "is_image_file", "load_folder_split", "split_dirs"]
+
+
+@SOURCES.register("folder")
+class FolderData(DataSource):
+    """Class-per-subfolder images: ``root/<split>/<class>/*.jpg`` (or ``root/<class>/*`` for train)."""
+
+    source: Literal["folder"] = "folder"
+    root: Path
+
+    def load_split(self, split: str) -> Split:
+        """See :func:`load_folder_split`."""
+        return load_folder_split(self, split)

@@ -6,9 +6,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from kdprompt.data.shards import expand_urls, write_shards
+from kdprompt.data.shard_writer import write_shards
 from kdprompt.data.sources import load_split
-from kdprompt.errors import KdpromptError
 
 
 def _fingerprint(cfg, split_name: str, samples) -> str:
@@ -26,13 +25,10 @@ def shards_for(
 ) -> list[str]:
     """Shard URLs holding ``split`` of the source ``cfg``: the shards themselves for a ``shards`` source,
     else shards written (once, under ``shards_dir/<source>-<split>-<fingerprint>/``) from the split."""
-    if cfg.source == "shards":
-        pattern = getattr(cfg, split)
-        if pattern is None:
-            raise KdpromptError(f"data.{split} is not set: give the shard pattern of the {split} split")
-        return expand_urls(pattern)
-    # Photos keep their JPEG bytes (no re-encoding); the synthetic world stays lossless.
-    image_format = image_format or ("png" if cfg.source == "synthetic" else "jpg")
+    existing = cfg.shard_urls(split)
+    if existing is not None:
+        return existing
+    image_format = image_format or cfg.shard_image_format
     data = load_split(cfg, split)
     out = Path(shards_dir) / f"{cfg.source}-{split}-{_fingerprint(cfg, split, data.samples)}"
     if not (out / "sizes.json").is_file():

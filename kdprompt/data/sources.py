@@ -1,22 +1,24 @@
-"""The data-source registry: ``load_split(cfg, "train")`` for any ``data.source``."""
+"""The built-in data sources, registered, and the recipe field that picks one by ``data.source``."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
+from kdprompt.config.base import registered
+from kdprompt.data import coop, folder, shards, synthetic  # noqa: F401  (each registers its source)
+from kdprompt.data.source import SOURCES, DataSource
 from kdprompt.data.types import Split
-from kdprompt.registry import Registry
 
-SplitLoader = Callable[..., Split]
-SOURCES: Registry[SplitLoader] = Registry("data source")
-
-
-def _register_builtin_sources() -> None:
-    # Imported lazily: each module registers itself into SOURCES on import.
-    from kdprompt.data import coop, folder, shards, synthetic  # noqa: F401
+DataConfig = registered(lambda: SOURCES, "source")
+"""A ``data:`` recipe section: the config of the registered source its ``source`` key names."""
 
 
-def load_split(cfg, split: str) -> Split:
+def load_split(cfg: DataSource, split: str) -> Split:
     """Load split ``split`` ("train", "val", "test") of the source described by ``cfg``."""
-    _register_builtin_sources()
-    return SOURCES.get(cfg.source)(cfg, split)
+    return cfg.load_split(split)
+
+
+def source_names() -> list[str]:
+    """Names of the registered data sources (built-ins and any registered since)."""
+    return SOURCES.names()
+
+
+__all__ = ["SOURCES", "DataConfig", "DataSource", "load_split", "source_names"]

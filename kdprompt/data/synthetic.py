@@ -27,13 +27,13 @@ import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from PIL import Image, ImageDraw
+from pydantic import Field
 
-from kdprompt.data.config import SyntheticData
-from kdprompt.data.sources import SOURCES
+from kdprompt.data.source import SOURCES, DataSource
 from kdprompt.data.splitfile import read_split_file, write_split_file
 from kdprompt.data.types import Sample, Split
 from kdprompt.errors import KdpromptError
@@ -503,7 +503,6 @@ def materialize(cfg: SyntheticData) -> Path:
     return world
 
 
-@SOURCES.register("synthetic")
 def load_synthetic_split(cfg: SyntheticData, split: str) -> Split:
     """Load split ``split`` of the synthetic world ``cfg``, materialising it on first use.
 
@@ -522,6 +521,30 @@ def load_synthetic_split(cfg: SyntheticData, split: str) -> Split:
     return Split(samples=splits[split], classnames=classnames, name=split, meta=meta)
 
 
+@SOURCES.register("synthetic")
+class SyntheticData(DataSource):
+    """The built-in synthetic world of coloured shapes, materialised under ``root`` on first use."""
+
+    source: Literal["synthetic"] = "synthetic"
+    root: Path = Path("cache/synthetic")
+    domain: Literal["pretrain", "downstream"] = "downstream"
+    seed: int = 0
+    image_size: int = Field(default=32, ge=16, le=256)
+    train_per_class: int = Field(default=64, ge=1)
+    val_per_class: int = Field(default=8, ge=0)
+    test_per_class: int = Field(default=32, ge=1)
+    # Lossless: the world's exact pixels reach training.
+    shard_image_format: ClassVar[str] = "png"
+
+    def load_split(self, split: str) -> Split:
+        """See :func:`load_synthetic_split`."""
+        return load_synthetic_split(self, split)
+
+    def identity(self) -> dict[str, Any]:
+        """The world's directory name (generator version and style hashed in), not where it is stored."""
+        return {**{k: v for k, v in self.model_dump(mode="json").items() if k != "root"}, "world": world_dir(self).name}
+
+
 __all__ = [
     "COLOURS",
     "DOMAINS",
@@ -533,6 +556,7 @@ __all__ = [
     "STYLES",
     "RenderInfo",
     "Style",
+    "SyntheticData",
     "caption",
     "class_attributes",
     "class_names",

@@ -11,6 +11,8 @@ from PIL import Image, UnidentifiedImageError
 from kdprompt.errors import KdpromptError
 
 SPLITS = ("train", "val", "test")
+# What counts as an image file when a folder is scanned (data sources, `kdprompt bench serve --images`).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 @dataclass(frozen=True)

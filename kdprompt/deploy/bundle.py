@@ -317,7 +317,7 @@ def load_bundle(
     Raises:
         KdpromptError: not a bundle, a damaged or newer-format bundle, or a missing ONNX file.
     """
-    from kdprompt.cache import load_cache
+    from kdprompt.text_features import load_cache
 
     path = Path(path)
     manifest = read_manifest(path)

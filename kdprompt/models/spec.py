@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from kdprompt.data.config import StrictModel
+from kdprompt.config.base import StrictModel
 
 
 class ModelSpec(StrictModel):

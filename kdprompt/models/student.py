@@ -6,16 +6,27 @@ classifies with the teacher's cached class text features alone: no text tower at
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from kdprompt.models.loading import LoadedClip
-from kdprompt.models.prompting import PROMPT_INIT_STD, check_depth
+from kdprompt import __version__
+from kdprompt.config.base import StrictModel
+from kdprompt.errors import KdpromptError
+from kdprompt.io import atomic_write, write_json_atomic
+from kdprompt.models.loading import LoadedClip, create_clip
+from kdprompt.models.prompt_methods.base import PROMPT_INIT_STD, check_depth
+from kdprompt.models.spec import ModelSpec
+from kdprompt.models.teacher import model_identity
 from kdprompt.models.towers import AppendPrompts, PromptedVisionTower
 from kdprompt.registry import Registry
+from kdprompt.text_features import load_cache
 
 PROJECTORS: Registry[type[nn.Module]] = Registry("projector")
 
@@ -41,7 +52,78 @@ class LinearProjector(nn.Linear):
         super().__init__(in_dim, out_dim)
 
 
-ADAPTATIONS = ("prompts", "full", "projector")
+class Adaptation:
+    """How a student's image tower adapts to the teacher. One class per kind, registered by name.
+
+    ``attach`` adds what the adaptation trains to the student (its modules are the student's, so their
+    state-dict keys are part of ``student.safetensors``); ``tower_features`` runs the tower.
+    """
+
+    trains_tower: ClassVar[bool] = False
+    """Whether every weight of the image tower trains (else it is frozen and kept in eval mode)."""
+
+    def attach(self, student: Student, cfg: StudentConfig) -> None:
+        """Add the adaptation's trainable parts to ``student``; default none."""
+
+    def tower_features(self, student: Student, images: Tensor) -> Tensor:
+        """The adapted tower's output, before the projector."""
+        return student.visual(images)
+
+
+ADAPTATIONS: Registry[type[Adaptation]] = Registry("student adaptation")
+
+
+@ADAPTATIONS.register("prompts")
+class PromptAdaptation(Adaptation):
+    """PromptKD: the tower is frozen; deep visual prompts (``n_ctx`` tokens at ``depth`` blocks) train."""
+
+    def attach(self, student: Student, cfg: StudentConfig) -> None:
+        """A block-by-block tower and one prompt per depth."""
+        student.tower = PromptedVisionTower(student.visual, student.spec.name)
+        check_depth(cfg.depth, student.tower.num_layers, "student.depth")
+        student.prompts = nn.ParameterList(
+            nn.Parameter(torch.randn(cfg.n_ctx, student.tower.width) * PROMPT_INIT_STD)
+            for _ in range(cfg.depth)
+        )
+
+    def tower_features(self, student: Student, images: Tensor) -> Tensor:
+        """The tower with the prompts appended after the patch tokens and replaced at each depth."""
+        return student.tower(images, AppendPrompts(list(student.prompts)))
+
+
+@ADAPTATIONS.register("full")
+class FullAdaptation(Adaptation):
+    """Every weight of the image tower trains (the compact-student case)."""
+
+    trains_tower = True
+
+
+@ADAPTATIONS.register("projector")
+class ProjectorOnly(Adaptation):
+    """Only the projector trains; the tower is frozen."""
+
+
+class StudentConfig(StrictModel):
+    """The student: an open_clip image tower, how it adapts, and its projector."""
+
+    model: ModelSpec
+    adaptation: str = Field(
+        default="prompts",
+        description="prompts: frozen tower + deep visual prompts (PromptKD); full: every tower weight trains; "
+        "projector: only the projector (any registered student adaptation)",
+    )
+    n_ctx: int = Field(default=4, ge=1, description="visual prompt tokens per depth (adaptation: prompts)")
+    depth: int = Field(default=9, ge=1, description="blocks receiving visual prompts (adaptation: prompts)")
+    projector: Literal["mlp", "linear"] = Field(
+        default="mlp", description="mlp: Linear-BatchNorm-ReLU-Linear (PromptKD); linear"
+    )
+
+    @field_validator("adaptation")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        if value not in ADAPTATIONS:
+            raise ValueError(ADAPTATIONS.unknown_message(value))
+        return value
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -67,29 +149,22 @@ class Student(nn.Module):
         self.spec = clip.spec
         in_dim = _output_dim(clip.model)
         self.prompts: nn.ParameterList | None = None
-        if cfg.adaptation == "prompts":
-            self.tower: nn.Module = PromptedVisionTower(self.visual, clip.spec.name)
-            check_depth(cfg.depth, self.tower.num_layers, "student.depth")
-            self.prompts = nn.ParameterList(
-                nn.Parameter(torch.randn(cfg.n_ctx, self.tower.width) * PROMPT_INIT_STD)
-                for _ in range(cfg.depth)
-            )
-        self.visual.requires_grad_(cfg.adaptation == "full")
+        self.adapter = ADAPTATIONS.get(cfg.adaptation)()
+        self.adapter.attach(self, cfg)
+        self.visual.requires_grad_(self.adapter.trains_tower)
         self.projector = PROJECTORS.get(cfg.projector)(in_dim, out_dim)
         self.name = f"student {clip.spec.name} ({cfg.adaptation})"
 
     def train(self, mode: bool = True) -> Student:
         """Frozen towers stay in eval mode."""
         super().train(mode)
-        if self.adaptation != "full":
+        if not self.adapter.trains_tower:
             self.visual.eval()
         return self
 
     def tower_features(self, images: Tensor) -> Tensor:
-        """The (prompted) image tower's output, before the projector."""
-        if self.prompts is not None:
-            return self.tower(images, AppendPrompts(list(self.prompts)))
-        return self.visual(images)
+        """The adapted image tower's output, before the projector."""
+        return self.adapter.tower_features(self, images)
 
     def forward(self, images: Tensor) -> Tensor:
         """L2-normalised features in the teacher's embedding space (B x D)."""
@@ -145,13 +220,6 @@ def save_student(
     run_dir: Any, student: Student, *, recipe: Any, teacher: Any, cache: Any, cache_path: Any
 ) -> None:
     """Write ``student.safetensors`` (the whole student) then ``student.json`` atomically."""
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    from kdprompt import __version__
-    from kdprompt.io import atomic_write, write_json_atomic
-    from kdprompt.models.teacher import model_identity
 
     run_dir = Path(run_dir)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in student.state_dict().items()}
@@ -176,7 +244,7 @@ def save_student(
                 "num_classes": cache.num_classes,
             },
             "image_tower_parameters": student.image_tower_parameters(),
-            "objectives": recipe.objectives.model_dump(mode="json", exclude_none=True),
+            "objectives": {name: cfg.model_dump(mode="json") for name, cfg in recipe.objectives.items()},
         },
     )
 
@@ -195,16 +263,6 @@ def load_student(
     Raises:
         KdpromptError: not a student directory, or a cache that is missing, damaged or of another teacher.
     """
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    from kdprompt.cache import load_cache
-    from kdprompt.config import StudentConfig
-    from kdprompt.errors import KdpromptError
-    from kdprompt.models.loading import create_clip
-    from kdprompt.models.spec import ModelSpec
 
     path = Path(path)
     meta_file = path / STUDENT_FILE

@@ -23,7 +23,7 @@ from kdprompt import __version__
 from kdprompt.errors import KdpromptError
 from kdprompt.io import atomic_write, file_sha256, write_json_atomic
 from kdprompt.models.loading import LoadedClip, create_clip
-from kdprompt.models.prompting import PROMPT_METHODS
+from kdprompt.models.prompt_methods import PROMPT_METHODS, MethodConfig
 from kdprompt.models.spec import ModelSpec
 from kdprompt.models.towers import AppendPrompts, PromptedTextTower, PromptedVisionTower, ReplacePrompts
 
@@ -162,8 +162,7 @@ def save_teacher(
 
 def load_teacher(path: Path, device: str | torch.device = "cpu") -> Teacher:
     """Rebuild a teacher from ``runs/<name>/teacher/`` (checks its fingerprint and base weights)."""
-    from kdprompt.config import MethodConfig
-    from kdprompt.data.config import DataConfig
+    from kdprompt.data.sources import DataConfig
 
     path = Path(path)
     meta_file, prompts = path / TEACHER_FILE, path / PROMPTS_FILE

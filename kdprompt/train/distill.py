@@ -17,7 +17,9 @@ from accelerate.utils import set_seed
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from kdprompt.config import DistillRecipe, dump_recipe, recipe_fingerprint
+from kdprompt.config.distill import DistillRecipe
+from kdprompt.config.fingerprint import recipe_fingerprint
+from kdprompt.config.loading import dump_recipe
 from kdprompt.io import write_json_atomic, write_text_atomic
 from kdprompt.train.checkpoint import resume_training, save_training_checkpoint
 from kdprompt.train.metrics import MetricsLog, plot_curves
@@ -90,11 +92,11 @@ class DistillModule(nn.Module):
 
 def run_distill(recipe: DistillRecipe) -> Path:
     """Distill, checkpoint, write the student artefact and evaluate; returns the run directory."""
-    from kdprompt.cache import load_cache
     from kdprompt.models.loading import create_clip
     from kdprompt.models.student import Student
     from kdprompt.models.teacher import load_teacher
     from kdprompt.objectives import DistillObjectives
+    from kdprompt.text_features import load_cache
 
     run_dir = run_dir_of(recipe)
     cfg = recipe.train
@@ -257,9 +259,5 @@ def _finish(
         write_text_atomic(run_dir / "eval.md", table + "\n")
         tqdm.write("\n" + table)
     write_json_atomic(run_dir / "metrics.json", results)
-    names = [
-        "loss",
-        *(n for n in ("kl", "fd", "icl", "crd") if getattr(recipe.objectives, n) is not None),
-        "lr",
-    ]
+    names = ["loss", *recipe.objectives, "lr"]
     plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", names, title=f"distill {recipe.name}")

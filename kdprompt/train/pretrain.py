@@ -11,13 +11,17 @@ from accelerate.utils import set_seed
 from open_clip.loss import ClipLoss
 from tqdm.auto import tqdm
 
-from kdprompt.config import PretrainRecipe, ZeroShotEval, dump_recipe, recipe_fingerprint
+from kdprompt.config.common import ZeroShotEval
+from kdprompt.config.fingerprint import recipe_fingerprint
+from kdprompt.config.loading import dump_recipe
+from kdprompt.config.pretrain import PretrainRecipe
 from kdprompt.data.protocol import subsample_classes
 from kdprompt.data.sources import load_split
 from kdprompt.errors import KdpromptError
-from kdprompt.evaluate import TEMPLATE_SETS, zero_shot_accuracy
+from kdprompt.evaluate import zero_shot_accuracy
 from kdprompt.io import write_json_atomic, write_text_atomic
 from kdprompt.models.loading import create_clip, save_clip_weights
+from kdprompt.models.templates import TEMPLATE_SETS
 from kdprompt.train.checkpoint import resume_training, save_training_checkpoint
 from kdprompt.train.metrics import MetricsLog, plot_curves, read_jsonl
 from kdprompt.train.runtime import (

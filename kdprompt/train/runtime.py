@@ -78,7 +78,8 @@ def epoch_plan(recipe: Any, world: int, accelerator: Accelerator) -> tuple[list[
         KdpromptError: the shards have no ``sizes.json``, so an epoch cannot be sized.
     """
     from kdprompt.data.materialize import shards_for
-    from kdprompt.data.shards import batches_per_epoch_for, read_sizes
+    from kdprompt.data.shard_reader import batches_per_epoch_for
+    from kdprompt.data.shard_urls import read_sizes
     from kdprompt.errors import KdpromptError
 
     with accelerator.main_process_first():
@@ -116,7 +117,7 @@ def stream_steps(
 
     ``cfg`` is a train config with ``batch_size``, ``shuffle_buffer``, ``resampled`` and ``num_workers``.
     """
-    from kdprompt.data.shards import make_loader
+    from kdprompt.data.shard_reader import make_loader
     from kdprompt.train.checkpoint import restore_rng_on_resume
 
     while step < stop_at:

@@ -12,17 +12,19 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from kdprompt.config import TeacherRecipe, dump_recipe, recipe_fingerprint
+from kdprompt.config.fingerprint import recipe_fingerprint
+from kdprompt.config.loading import dump_recipe
+from kdprompt.config.teacher import TeacherRecipe
 from kdprompt.data.dataset import SplitDataset
 from kdprompt.data.protocol import few_shot, subsample_classes, val_shots
 from kdprompt.data.sources import load_split
 from kdprompt.data.types import Split
 from kdprompt.errors import KdpromptError
-from kdprompt.evaluate import TEMPLATE_SETS, accuracy, predict, text_classifier
+from kdprompt.evaluate import accuracy, predict
 from kdprompt.io import write_json_atomic, write_text_atomic
 from kdprompt.models.loading import create_clip
+from kdprompt.models.prompt_methods import TeacherOutputs
 from kdprompt.models.teacher import PromptedClip, save_teacher
-from kdprompt.objectives import accumulate_gpa, gaussian_epoch_weights, promptsrc_losses
 from kdprompt.train.checkpoint import restore_rng_on_resume, resume_training, save_training_checkpoint
 from kdprompt.train.metrics import MetricsLog, plot_curves
 from kdprompt.train.runtime import cosine_lr, ended_early, make_accelerator, set_lr
@@ -102,25 +104,7 @@ def run_teacher(recipe: TeacherRecipe) -> Path:
     clip = create_clip(recipe.model)
     model = PromptedClip(clip, method, name=f"teacher {recipe.name}")
     device = accelerator.device
-    is_src = method.name == "promptsrc"
-    frozen_text = None
-    if is_src:
-        templates = TEMPLATE_SETS[method.templates]
-        frozen_text = text_classifier(clip.model.encode_text, clip.tokenizer, classnames, templates).to(
-            device
-        )
-    weights = (
-        {
-            "ce": method.ce_weight,
-            "text": method.text_loss_weight,
-            "image": method.image_loss_weight,
-            "kl": method.kl_weight,
-        }
-        if is_src
-        else {}
-    )
-    gpa_on = is_src and method.gpa.enabled
-    gpa_weights = gaussian_epoch_weights(cfg.epochs, method.gpa.mean, method.gpa.std) if gpa_on else []
+    aggregation = model.learner.aggregation(cfg.epochs)
 
     per_epoch = math.ceil((len(train) // world) / cfg.batch_size)
     if per_epoch == 0:
@@ -132,22 +116,23 @@ def run_teacher(recipe: TeacherRecipe) -> Path:
 
     ckpt_dir = run_dir / "checkpoints"
     step, restored_rng = 0, None
-    gpa: dict[str, torch.Tensor] | None = None
     best: dict[str, torch.Tensor] | None = None
-    counters: dict[str, Any] = {"gpa_weight": 0.0, "best_val": -1.0, "best_epoch": -1}
+    counters: dict[str, Any] = {"best_val": -1.0, "best_epoch": -1}
     fingerprint = recipe_fingerprint(recipe)
     ckpt = resume_training(recipe.resume, ckpt_dir, fingerprint, optimizer, main=main)
     if ckpt is not None:
         learner_state = {k[len("learner.") :]: v for k, v in ckpt.weights.items() if k.startswith("learner.")}
         model.learner.load_state_dict(learner_state)
-        gpa = {k[len("gpa.") :]: v for k, v in ckpt.weights.items() if k.startswith("gpa.")} or None
         best = {k[len("best.") :]: v for k, v in ckpt.weights.items() if k.startswith("best.")} or None
         step, counters, restored_rng = ckpt.step, dict(ckpt.state["counters"]), ckpt.state["rng"]
+        if aggregation is not None:
+            aggregation.load(
+                {k[len("gpa.") :]: v for k, v in ckpt.weights.items() if k.startswith("gpa.")}, counters
+            )
     model, optimizer = accelerator.prepare(model, optimizer)
     core: PromptedClip = accelerator.unwrap_model(model)
     class_tokens = core.class_tokens(classnames)
-    if frozen_text is not None:
-        frozen_text = frozen_text.to(device)
+    core.learner.prepare_training(core, classnames)
 
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -159,7 +144,7 @@ def run_teacher(recipe: TeacherRecipe) -> Path:
     def checkpoint(epoch_end: bool) -> None:
         def tensors() -> dict[str, torch.Tensor]:
             out = {f"learner.{k}": v for k, v in _trainable_state(core).items()}
-            out.update({f"gpa.{k}": v for k, v in (gpa or {}).items()})
+            out.update({f"gpa.{k}": v for k, v in (aggregation.tensors() if aggregation else {}).items()})
             out.update({f"best.{k}": v for k, v in (best or {}).items()})
             return out
 
@@ -169,7 +154,7 @@ def run_teacher(recipe: TeacherRecipe) -> Path:
             step,
             tensors,
             optimizer,
-            counters,
+            {**counters, **(aggregation.counters() if aggregation else {})},
             {"epoch_end": epoch_end, "total_steps": total_steps, "recipe_fingerprint": fingerprint},
             recipe.checkpoint.keep_last,
         )
@@ -194,20 +179,9 @@ def run_teacher(recipe: TeacherRecipe) -> Path:
                 image_f, text_f = model(images, class_tokens)
                 scale = core.logit_scale
                 logits = scale * image_f @ text_f.T
-                if is_src:
-                    frozen_img = core.frozen_image_features(images)
-                    terms = promptsrc_losses(
-                        logits=logits,
-                        labels=labels,
-                        text_features=text_f,
-                        frozen_text_features=frozen_text,
-                        image_features=image_f,
-                        frozen_image_features=frozen_img,
-                        zero_shot_logits=scale * frozen_img @ frozen_text.T,
-                        weights=weights,
-                    )
-                else:
-                    terms = {"loss": torch.nn.functional.cross_entropy(logits, labels)}
+                terms = core.learner.training_loss(
+                    core, TeacherOutputs(images, labels, image_f, text_f, logits, scale)
+                )
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(terms["loss"])
             optimizer.step()
@@ -229,9 +203,8 @@ def run_teacher(recipe: TeacherRecipe) -> Path:
             epoch_end = step % per_epoch == 0
             if epoch_end:
                 finished = step // per_epoch  # 1-based number of the epoch just finished
-                if gpa_on and finished <= len(gpa_weights):
-                    gpa = accumulate_gpa(gpa, core.learner.state_dict(), gpa_weights[finished - 1])
-                    counters["gpa_weight"] += gpa_weights[finished - 1]
+                if aggregation is not None:
+                    aggregation.epoch_end(finished, core.learner.state_dict())
                 if val is not None:
                     val_acc = _val_accuracy(core, val, device)
                     metrics.log({"val_acc": val_acc, "epoch": finished - 1}, step)
@@ -249,7 +222,7 @@ def run_teacher(recipe: TeacherRecipe) -> Path:
     if ended_early(step, total_steps, accelerator):
         return run_dir
 
-    final, selected = _final_state(core, gpa, counters, best, recipe)
+    final, selected = _final_state(core, aggregation, counters, best, recipe)
     core.learner.load_state_dict(final)
     if main:
         _finish(recipe, core, run_dir, classnames, all_classnames, train, selected, step)
@@ -258,13 +231,15 @@ def run_teacher(recipe: TeacherRecipe) -> Path:
     return run_dir
 
 
-def _final_state(core: PromptedClip, gpa, counters: dict, best, recipe: TeacherRecipe) -> tuple[dict, str]:
-    """The prompts the teacher ships with: best-on-val, the GPA aggregate, or the last state."""
+def _final_state(
+    core: PromptedClip, aggregation: Any, counters: dict, best, recipe: TeacherRecipe
+) -> tuple[dict, str]:
+    """The prompts the teacher ships with: best-on-val, the method's aggregate (PromptSRC's GPA), or the last."""
     if recipe.selection == "val" and best is not None:
         return best, f"val (epoch {counters['best_epoch']}, {counters['best_val']:.2f}%)"
-    if gpa is not None and counters["gpa_weight"] > 0:
-        # Normalise by the weight actually accumulated (max_steps may end training early).
-        return {k: v / counters["gpa_weight"] for k, v in gpa.items()}, "gpa"
+    aggregated = aggregation.result() if aggregation is not None else None
+    if aggregated is not None:
+        return aggregated, "gpa"
     return _trainable_state(core), "last"
 
 
@@ -279,7 +254,7 @@ def _finish(
     steps: int,
 ) -> None:
     """Write the artefact, the cache of all classes, the evaluation and the curves (main process)."""
-    from kdprompt.cache import build_cache
+    from kdprompt.text_features.teacher import cache_class_features
 
     core.eval()
     fingerprint = save_teacher(
@@ -296,15 +271,12 @@ def _finish(
             "steps": steps,
         },
     )
-    with torch.no_grad():
-        features = core.class_features(all_classnames).float().cpu()
     cache_dir = cache_dir_of(recipe)
-    build_cache(
-        features,
+    cache_class_features(
+        core,
         all_classnames,
         cache_dir,
         teacher_fingerprint=fingerprint,
-        logit_scale=float(core.logit_scale),
         provenance={
             "teacher": str(run_dir),
             "model": core.spec.model_dump(mode="json"),

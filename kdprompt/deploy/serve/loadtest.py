@@ -1,22 +1,30 @@
-"""A bounded load test of a running ``kdprompt serve``, with the standard library only.
+"""A bounded load test of a running ``kdprompt serve``: its HTTP client is the standard library only.
 
 ``concurrency`` threads each keep one HTTP/1.1 connection open and send multipart ``POST /v1/classify``
-requests (one image each, cycling through the payloads) until ``requests`` have been sent in all.
+requests (one image each, cycling through the payloads) until ``requests`` have been sent in all. The
+payloads are drawn by :func:`synthetic_images` or read from a folder by :func:`read_images`.
 """
 
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import math
+import random
 import socket
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from kdprompt.data.types import IMAGE_SUFFIXES
+from kdprompt.errors import KdpromptError
+
 CLASSIFY_PATH = "/v1/classify"
+MAX_BENCH_IMAGES = 256
 
 
 class _Connection(http.client.HTTPConnection):
@@ -160,3 +168,39 @@ def run_load_test(
         "max_ms": round(ms[-1], 2) if ms else 0.0,
         "error_samples": errors[:5],
     }
+
+
+def synthetic_images(size: tuple[int, int], count: int = 16, seed: int = 0) -> list[bytes]:
+    """``count`` PNGs of random shapes on random backgrounds, ``size`` = (H, W)."""
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    height, width = size
+    out = []
+    for _ in range(count):
+        img = Image.new("RGB", (width, height), tuple(rng.randrange(256) for _ in range(3)))
+        draw = ImageDraw.Draw(img)
+        for _ in range(rng.randint(1, 4)):
+            x0, y0 = rng.randrange(width), rng.randrange(height)
+            x1, y1 = sorted((x0, rng.randrange(width))), sorted((y0, rng.randrange(height)))
+            box = (x1[0], y1[0], x1[1] + 1, y1[1] + 1)
+            fill = tuple(rng.randrange(256) for _ in range(3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def read_images(folder: Path) -> list[bytes]:
+    """The bytes of the image files under ``folder`` (by suffix, sorted, at most ``MAX_BENCH_IMAGES``).
+
+    Raises:
+        KdpromptError: no image files there.
+    """
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise KdpromptError(
+            f"--images {folder}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found under it"
+        )
+    return [p.read_bytes() for p in files[:MAX_BENCH_IMAGES]]

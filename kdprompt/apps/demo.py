@@ -10,14 +10,11 @@ from pathlib import Path
 import click
 import torch
 
-from kdprompt.config import (
-    DistillRecipe,
-    PretrainRecipe,
-    TeacherRecipe,
-    dump_recipe,
-    load_recipe,
-    recipe_fingerprint,
-)
+from kdprompt.config.distill import DistillRecipe
+from kdprompt.config.fingerprint import recipe_fingerprint
+from kdprompt.config.loading import dump_recipe, load_recipe
+from kdprompt.config.pretrain import PretrainRecipe
+from kdprompt.config.teacher import TeacherRecipe
 from kdprompt.evaluate import markdown_table
 from kdprompt.io import atomic_write, write_json_atomic, write_text_atomic
 

@@ -1,30 +1,20 @@
-"""``kdprompt export`` and ``kdprompt predict``: ship a distilled student and classify with it."""
+"""``kdprompt export``, ``predict`` and ``serve``: ship a distilled student, classify with it, serve it."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import click
 
-from kdprompt.cli_common import CONTEXT_SETTINGS, resolve_device, user_errors
+from kdprompt.cli.options import (
+    CONTEXT_SETTINGS,
+    batching_options,
+    resolve_device,
+    runtime_options,
+    user_errors,
+)
 from kdprompt.errors import KdpromptError
-
-
-def runtime_options(fn: Any) -> Any:
-    """``--backend`` and ``--device``: how a command runs a bundle's image encoder."""
-    fn = click.option(
-        "--device", default="cpu", show_default=True, help="torch backend: cpu, cuda, cuda:N or auto."
-    )(fn)
-    return click.option(
-        "--backend",
-        type=click.Choice(["torch", "onnx"]),
-        default="torch",
-        show_default=True,
-        help="Run the image encoder with torch, or its ONNX graph on onnxruntime (CPU; bundles exported with --onnx).",
-    )(fn)
 
 
 def _size(path: Path) -> int:
@@ -106,24 +96,6 @@ def export_command(
     click.echo(f"next: kdprompt predict {out} IMAGE... | kdprompt serve {out}")
 
 
-def iter_image_files(inputs: tuple[Path, ...]) -> Iterator[Path]:
-    """The files named, and every non-hidden file under the directories named (sorted, recursive).
-
-    Raises:
-        KdpromptError: an input does not exist.
-    """
-    for item in inputs:
-        if item.is_dir():
-            for path in sorted(item.rglob("*")):
-                rel = path.relative_to(item)
-                if path.is_file() and not any(part.startswith(".") for part in rel.parts):
-                    yield path
-        elif item.exists():
-            yield item
-        else:
-            raise KdpromptError(f"{item} does not exist; give image files or directories of images")
-
-
 @click.command("predict", context_settings=CONTEXT_SETTINGS)
 @click.argument("bundle_dir", metavar="BUNDLE", type=click.Path(path_type=Path))
 @click.argument("inputs", metavar="IMAGE_OR_DIR...", nargs=-1, required=True, type=click.Path(path_type=Path))
@@ -154,51 +126,149 @@ def predict_command(
       kdprompt predict runs/demo/bundle photo.jpg
       kdprompt predict runs/demo/bundle photos/ --k 3 --json > predictions.jsonl
     """
-    import torch
-
     from kdprompt.deploy import load_bundle
+    from kdprompt.deploy.files import Skipped, iter_input_files, predict_files
 
     bundle = load_bundle(bundle_dir, device=resolve_device(device), backend=backend)
-    files = list(iter_image_files(inputs))
+    files = list(iter_input_files(inputs))
     if not files:
         raise KdpromptError(f"no files found in {', '.join(map(str, inputs))}")
-    shown = min(k, len(bundle.classnames))
     if not as_json:
-        header = ["image", *(f"top-{i + 1}" for i in range(shown))]
+        header = ["image", *(f"top-{i + 1}" for i in range(min(k, len(bundle.classnames))))]
         click.echo("| " + " | ".join(header) + " |")
         click.echo("| " + " | ".join("---" for _ in header) + " |")
     done = skipped = 0
-    pending: list[tuple[str, torch.Tensor]] = []
-
-    def flush() -> None:
-        nonlocal done
-        if not pending:
-            return
-        names = [n for n, _ in pending]
-        for p in bundle.predict_tensor(torch.stack([t for _, t in pending]), k, names):
-            if as_json:
-                click.echo(
-                    json.dumps(
-                        {"image": p.source, "labels": p.labels, "probs": p.probs, "indices": p.indices}
-                    )
-                )
-            else:
-                cells = [f"{label} ({prob:.3f})" for label, prob in zip(p.labels, p.probs, strict=True)]
-                click.echo("| " + " | ".join([p.source, *cells]) + " |")
-        done += len(pending)
-        pending.clear()
-
-    for path in files:
-        try:
-            pending.append((str(path), bundle.preprocess(path, str(path))))
-        except KdpromptError as e:
+    for result in predict_files(bundle, files, k, batch_size):
+        if isinstance(result, Skipped):
             skipped += 1
-            click.echo(f"skipped: {e}", err=True)
+            click.echo(f"skipped: {result.error}", err=True)
             if as_json:
-                click.echo(json.dumps({"image": str(path), "error": str(e)}))
-        if len(pending) >= batch_size:
-            flush()
-    flush()
+                click.echo(json.dumps({"image": result.image, "error": result.error}))
+            continue
+        done += 1
+        if as_json:
+            fields = {"labels": result.labels, "probs": result.probs, "indices": result.indices}
+            click.echo(json.dumps({"image": result.source, **fields}))
+        else:
+            cells = [f"{label} ({prob:.3f})" for label, prob in zip(result.labels, result.probs, strict=True)]
+            click.echo("| " + " | ".join([result.source, *cells]) + " |")
     click.echo(f"{done} image(s) classified, {skipped} skipped", err=True)
     if done == 0:
         raise KdpromptError(f"none of the {skipped} file(s) could be read as an image")
+
+
+def mib(value: float) -> int:
+    """``value`` MiB in bytes (at least 1)."""
+    return max(1, int(value * 2**20))
+
+
+@click.command("serve", context_settings=CONTEXT_SETTINGS)
+@click.argument("bundle_dir", metavar="BUNDLE", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port (0: any free one)."
+)
+@batching_options
+@click.option(
+    "--max-image-mb",
+    type=click.FloatRange(min=0, min_open=True),
+    default=8.0,
+    show_default=True,
+    help="Size of one encoded image at most (larger ones answer 413).",
+)
+@click.option(
+    "--max-images",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Images per request at most.",
+)
+@click.option(
+    "--max-request-mb",
+    type=click.FloatRange(min=0, min_open=True),
+    default=64.0,
+    show_default=True,
+    help="Size of one request body at most (larger ones answer 413).",
+)
+@click.option(
+    "--max-queue",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    help="Images waiting for the model at most; beyond it requests answer 503 with Retry-After.",
+)
+@click.option(
+    "--k",
+    "k",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Classes per image when a request gives no k.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+    default="info",
+    show_default=True,
+    help="uvicorn's log level (info logs every request).",
+)
+@user_errors
+def serve_command(
+    bundle_dir: Path,
+    host: str,
+    port: int,
+    backend: str,
+    device: str,
+    max_batch: int,
+    max_wait_ms: float,
+    max_image_mb: float,
+    max_images: int,
+    max_request_mb: float,
+    max_queue: int,
+    k: int,
+    log_level: str,
+) -> None:
+    """Serve the bundle BUNDLE (from `kdprompt export`) as an HTTP JSON API.
+
+    \b
+    Endpoints:
+      POST /v1/classify   top-k classes of one or more images, sent as multipart/form-data
+                          (files in field 'images', optional 'k') or as application/json
+                          {"images": ["<base64>", ...], "k": 5}
+      GET  /v1/classes    the class names, in index order
+      GET  /healthz       status, bundle name and fingerprint
+      GET  /docs          the OpenAPI page (try the endpoints from the browser)
+
+    Bad input (not an image, empty, too large, unknown field, malformed JSON) answers a 4xx with
+    {"detail": "..."}; images of concurrent requests are classified in shared batches; when more than
+    --max-queue images wait, requests answer 503 with Retry-After instead of queueing.
+
+    \b
+    Examples:
+      kdprompt serve bundles/dtd
+      kdprompt serve bundles/dtd --host 0.0.0.0 --port 8080 --backend onnx
+      curl -F images=@cat.jpg -F images=@dog.png -F k=3 http://127.0.0.1:8000/v1/classify
+
+    Needs the serve extra: pip install 'kdprompt[serve]'.
+    """
+    from kdprompt.deploy import load_bundle
+    from kdprompt.deploy.serve import create_app, require_serve_extra
+    from kdprompt.deploy.serve.server import base_url, bind_socket, serve_forever
+
+    require_serve_extra()  # before the bundle loads: fails fast
+    bundle = load_bundle(bundle_dir, device=resolve_device(device), backend=backend)
+    app = create_app(
+        bundle,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_image_bytes=mib(max_image_mb),
+        max_images=max_images,
+        max_request_bytes=mib(max_request_mb),
+        max_queue=max_queue,
+        default_k=k,
+    )
+    sock = bind_socket(host, port)
+    url = base_url(sock)
+    click.echo(f"serving {bundle.name} ({len(bundle.classnames)} classes, {backend}) on {url}")
+    click.echo(f"API docs: {url}/docs   classify: curl -F images=@photo.jpg {url}/v1/classify")
+    serve_forever(app, sock, log_level=log_level)

@@ -1,4 +1,4 @@
-"""Benchmarks that print numbers (never timed tests): ``kdprompt bench distill`` and ``bench predict``.
+"""Benchmarks that print numbers (never timed tests): ``kdprompt bench distill``, ``predict``, ``serve``.
 
 ``distill`` times the distillation step as kdprompt runs it (teacher class text features read from
 the cache once) against the PromptKD reference's loop, which re-encodes the teacher's class texts
@@ -8,6 +8,8 @@ loading is not measured.
 ``predict`` classifies the same preprocessed images with a bundle (student image encoder + cached
 class features) and with the teacher it came from (prompted image tower, its class features
 computed once before timing), so the ratio is the deployment speed-up of distillation.
+
+``serve`` load-tests ``kdprompt serve`` on a bundle, in this process on a loopback port.
 """
 
 from __future__ import annotations
@@ -19,18 +21,18 @@ from typing import Any
 
 import torch
 
-from kdprompt.config import DistillRecipe
+from kdprompt.config.distill import DistillRecipe
 
 
 def bench_distill(recipe: DistillRecipe, steps: int = 20, warmup: int = 3) -> dict[str, Any]:
     """Images/s of the distill step with cached text features vs re-encoded ones; returns the figures."""
-    from kdprompt.cache import load_cache
     from kdprompt.data.materialize import shards_for
-    from kdprompt.data.shards import make_loader
+    from kdprompt.data.shard_reader import make_loader
     from kdprompt.models.loading import create_clip
     from kdprompt.models.student import Student
     from kdprompt.models.teacher import load_teacher
     from kdprompt.objectives import DistillBatch, DistillObjectives
+    from kdprompt.text_features.store import load_cache
     from kdprompt.train.distill import cache_of, view_converter
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -183,3 +185,72 @@ def bench_predict(
         bundle_bytes=sum(p.stat().st_size for p in Path(bundle_dir).rglob("*") if p.is_file()),
     )
     return figures
+
+
+def bench_serve(
+    bundle_dir: Path,
+    *,
+    images_dir: Path | None = None,
+    requests: int = 500,
+    concurrency: int = 8,
+    backend: str = "torch",
+    device: str = "cpu",
+    max_batch: int = 32,
+    max_wait_ms: float = 5.0,
+) -> dict[str, Any]:
+    """Requests/s, latency percentiles and mean images per model call of ``kdprompt serve`` on a bundle.
+
+    The server runs in this process on a free loopback port; a few warm-up requests go first, then
+    ``requests`` multipart requests of one image each, ``concurrency`` at a time. The images are the
+    files under ``images_dir``, else PNG drawings at 4x the bundle's input size.
+    """
+    from kdprompt.deploy import load_bundle
+    from kdprompt.deploy.serve import create_app, require_serve_extra
+    from kdprompt.deploy.serve.loadtest import read_images, run_load_test, synthetic_images
+    from kdprompt.deploy.serve.server import background_server, get_json
+
+    require_serve_extra()  # before the bundle loads: fails fast
+    bundle = load_bundle(bundle_dir, device=device, backend=backend)
+    if images_dir is not None:
+        payloads = read_images(images_dir)
+    else:
+        _, height, width = bundle.input_size
+        payloads = synthetic_images((4 * height, 4 * width))
+    app = create_app(bundle, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    with background_server(app) as url:
+        run_load_test(url, payloads, requests=min(requests, 2 * concurrency), concurrency=concurrency)
+        before = get_json(f"{url}/healthz")["batcher"]
+        figures = run_load_test(url, payloads, requests=requests, concurrency=concurrency)
+        after = get_json(f"{url}/healthz")["batcher"]
+    batches = after["batches"] - before["batches"]
+    figures["mean_batch"] = round((after["images"] - before["images"]) / batches, 2) if batches else 0.0
+    figures.update(
+        {
+            "model": bundle.name,
+            "backend": backend,
+            "max_batch": max_batch,
+            "max_wait_ms": max_wait_ms,
+            "images": str(images_dir) if images_dir is not None else "synthetic",
+        }
+    )
+    return figures
+
+
+SERVE_COLUMNS = [
+    ("requests", "requests"),
+    ("concurrency", "concurrency"),
+    ("errors", "errors"),
+    ("req/s", "req_per_s"),
+    ("p50 ms", "p50_ms"),
+    ("p99 ms", "p99_ms"),
+    ("mean ms", "mean_ms"),
+    ("images/batch", "mean_batch"),
+]
+
+
+def serve_table(figures: dict[str, Any]) -> str:
+    """The figures of :func:`bench_serve` as a one-row Markdown table."""
+    head = "| " + " | ".join(name for name, _ in SERVE_COLUMNS) + " |"
+    rule = "|" + "|".join("---:" for _ in SERVE_COLUMNS) + "|"
+    row = "| " + " | ".join(str(figures[key]) for _, key in SERVE_COLUMNS) + " |"
+    return "\n".join([head, rule, row])

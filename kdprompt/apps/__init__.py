@@ -1,0 +1,1 @@
+"""Applications built on the library, kept apart from it: the offline demo and the benchmarks."""

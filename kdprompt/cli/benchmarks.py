@@ -1,0 +1,144 @@
+"""``kdprompt bench``: benchmarks that print figures (distill step, bundle vs teacher, the HTTP server)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from kdprompt.cli.options import (
+    CONTEXT_SETTINGS,
+    batching_options,
+    recipe_arguments,
+    resolve_device,
+    user_errors,
+)
+
+
+@click.group(context_settings=CONTEXT_SETTINGS)
+def bench() -> None:
+    """Benchmarks that print figures (images/s), for the notes of a change."""
+
+
+@bench.command("distill", context_settings=CONTEXT_SETTINGS)
+@recipe_arguments(dry_run=False)
+@click.option("--steps", type=click.IntRange(1), default=20, show_default=True, help="Timed steps per loop.")
+@user_errors
+def bench_distill_command(recipe: str, overrides: tuple[str, ...], steps: int) -> None:
+    """Distill-step throughput: cached teacher text features vs re-encoding them every batch.
+
+    RECIPE is a distill recipe (its teacher, cache, student and data); the second loop re-encodes the
+    teacher's class texts per batch as the PromptKD reference does. Prints images/s and the ratio.
+    """
+    from kdprompt.apps.bench import bench_distill
+    from kdprompt.config.distill import DistillRecipe
+    from kdprompt.config.loading import load_recipe
+
+    figures = bench_distill(load_recipe(DistillRecipe, recipe, overrides), steps=steps)
+    click.echo(json.dumps(figures, indent=2))
+
+
+@bench.command("predict", context_settings=CONTEXT_SETTINGS)
+@click.argument("bundle_dir", metavar="BUNDLE", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--teacher",
+    "teacher_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Teacher to compare with (default: the one the bundle's manifest names).",
+)
+@click.option(
+    "--images", type=click.IntRange(1), default=512, show_default=True, help="Images classified per pass."
+)
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Images per batch.")
+@click.option(
+    "--repeats", type=click.IntRange(1), default=3, show_default=True, help="Timed passes (best kept)."
+)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@user_errors
+def bench_predict_command(
+    bundle_dir: Path, teacher_dir: Path | None, images: int, batch_size: int, repeats: int, device: str
+) -> None:
+    """Classification images/s of a BUNDLE vs its teacher on the same images, and their sizes.
+
+    Both classify the same preprocessed images (the teacher's test split when it records its data)
+    to top-5; the teacher's class features are computed once, before timing. Prints JSON: images/s of
+    the bundle (torch, and ONNX when exported), of the teacher, their ratio, parameters and bundle bytes.
+    """
+    from kdprompt.apps.bench import bench_predict
+
+    figures = bench_predict(
+        bundle_dir,
+        teacher_dir,
+        images=images,
+        batch_size=batch_size,
+        repeats=repeats,
+        device=resolve_device(device),
+    )
+    click.echo(json.dumps(figures, indent=2))
+
+
+@bench.command("serve", context_settings=CONTEXT_SETTINGS)
+@click.argument("bundle_dir", metavar="BUNDLE", type=click.Path(path_type=Path))
+@click.option(
+    "--requests",
+    "n_requests",
+    type=click.IntRange(min=1),
+    default=500,
+    show_default=True,
+    help="Requests in all (one image each).",
+)
+@click.option(
+    "--concurrency", type=click.IntRange(min=1), default=8, show_default=True, help="Requests in flight."
+)
+@click.option(
+    "--images",
+    "images_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="A folder of image files to send (default: PNG drawings at 4x the bundle's input size).",
+)
+@batching_options
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON instead of a table.")
+@user_errors
+def bench_serve_command(
+    bundle_dir: Path,
+    n_requests: int,
+    concurrency: int,
+    images_dir: Path | None,
+    backend: str,
+    device: str,
+    max_batch: int,
+    max_wait_ms: float,
+    as_json: bool,
+) -> None:
+    """Load-test `kdprompt serve` on BUNDLE: requests/s and p50 / p99 latency of POST /v1/classify.
+
+    Starts the server in this process on a free loopback port, sends a few warm-up requests, then
+    --requests multipart requests of one image each, --concurrency at a time (one connection each),
+    and prints requests/s, latency percentiles, errors and the mean images per model call.
+
+    \b
+    Examples:
+      kdprompt bench serve bundles/dtd
+      kdprompt bench serve bundles/dtd --requests 2000 --concurrency 32 --images ~/photos --json
+    """
+    from kdprompt.apps.bench import bench_serve, serve_table
+
+    figures = bench_serve(
+        bundle_dir,
+        images_dir=images_dir,
+        requests=n_requests,
+        concurrency=concurrency,
+        backend=backend,
+        device=resolve_device(device),
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+    )
+    if as_json:
+        click.echo(json.dumps(figures, indent=2))
+    else:
+        click.echo(serve_table(figures))
+        for sample in figures["error_samples"]:
+            click.echo(f"error: {sample}", err=True)

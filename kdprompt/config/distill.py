@@ -1,0 +1,57 @@
+"""``kdprompt distill`` recipes: a student learns from a teacher and its cache on unlabelled shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from kdprompt.config.base import StrictModel
+from kdprompt.config.common import CheckpointConfig, Resume, StreamConfig
+from kdprompt.data.sources import DataConfig
+from kdprompt.models.student import StudentConfig
+from kdprompt.objectives import ObjectivesConfig
+
+
+class DistillTrainConfig(StreamConfig):
+    """Optimisation of the student (PromptKD's defaults)."""
+
+    batch_size: int = Field(default=8, ge=1, description="per-process batch size")
+    epochs: int = Field(default=20, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(default=0.005, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    warmup_epochs: int = Field(default=1, ge=0)
+    warmup_lr: float = Field(default=1e-5, gt=0)
+
+
+class DistillRecipe(StrictModel):
+    """``kdprompt distill``: train a student from unlabelled shards against a teacher and its cache."""
+
+    recipe: Literal["distill"] = "distill"
+    name: str = Field(description="run name: outputs go to <output_dir>/<name>/student/")
+    description: str = ""
+    seed: int = 1
+    output_dir: Path = Path("runs")
+    teacher: Path = Field(description="the teacher directory (runs/<name>/teacher)")
+    cache: Path | None = Field(
+        default=None, description="the teacher's text-feature cache (default cache/<teacher run>)"
+    )
+    student: StudentConfig
+    data: DataConfig = Field(
+        description="unlabelled images (labels, if any, are ignored); written to shards once"
+    )
+    split: Literal["train", "val", "test"] = "train"
+    shards_dir: Path = Path("cache/shards")
+    shard_maxcount: int = Field(default=1000, ge=1)
+    objectives: ObjectivesConfig = Field(
+        description="registered objective name -> its settings (weight, ...); the loss is their weighted sum"
+    )
+    train: DistillTrainConfig = DistillTrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    resume: Resume | Path = "auto"
+    evaluate: bool = Field(
+        default=True, description="report base/novel/HM on the teacher's test split at the end"
+    )

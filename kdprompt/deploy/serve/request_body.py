@@ -1,0 +1,159 @@
+"""Reading a classify request: image files and ``k`` from a multipart/form-data or JSON body.
+
+The body is read in chunks and refused with a 413 as soon as it passes the request's limit; every
+failure is an :class:`~kdprompt.deploy.serve.inputs.InputError` (a 4xx naming the fix).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from kdprompt.deploy.serve.inputs import InputError, check_size, too_large
+from kdprompt.deploy.serve.schemas import Limits
+
+IMAGE_FIELDS = ("images", "image")
+JSON_EXAMPLE = '{"images": ["<base64>", ...], "k": 5}'
+
+
+@dataclass
+class Upload:
+    """One image of a request, not yet decoded: the bytes of a file, or base64 text."""
+
+    name: str  # how errors name it: images[i] (filename)
+    source: str  # Prediction.source: the filename, else images[i]
+    data: bytes | None = None  # multipart: the file's bytes
+    text: str | None = None  # JSON: base64 text
+
+
+def _content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+async def _body_chunks(request: Request, limit: int, limits: Limits) -> AsyncIterator[bytes]:
+    """The request body, refused with a 413 as soon as it passes ``limit`` bytes."""
+    declared = request.headers.get("content-length", "")
+    too_big = (
+        f"the request body is over {limit} bytes, the most this server reads in one request (at most "
+        f"{limits.max_images} images of {limits.max_image_bytes} bytes each, {limits.max_request_bytes} bytes "
+        "in all); send fewer or smaller images per request"
+    )
+    if declared.isdigit() and int(declared) > limit:
+        raise InputError(413, too_big)
+    seen = 0
+    async for chunk in request.stream():
+        seen += len(chunk)
+        if seen > limit:
+            raise InputError(413, too_big)
+        yield chunk
+
+
+async def _read_multipart(request: Request, limits: Limits) -> tuple[list[Upload], Any]:
+    """Image files of fields ``images``/``image`` and the ``k`` field of a multipart/form-data body."""
+    parser = MultiPartParser(
+        request.headers,
+        _body_chunks(request, limits.multipart_body, limits),
+        max_files=limits.max_images + 1,  # one over, to tell "too many" apart
+        max_fields=16,
+        max_part_size=64 * 1024,
+    )
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        if exc.message.startswith("Too many files"):
+            raise InputError(413, limits.too_many()) from None
+        raise InputError(
+            400,
+            f"malformed multipart/form-data body ({exc.message}); upload image files in the 'images' "
+            "field, e.g. curl -F images=@photo.jpg -F k=5 URL",
+        ) from None
+    uploads: list[Upload] = []
+    k: Any = None
+    try:
+        for field, value in form.multi_items():
+            if field in IMAGE_FIELDS:
+                i = len(uploads)
+                if not isinstance(value, UploadFile):
+                    raise InputError(
+                        422,
+                        f"form field {field!r} (images[{i}]) is text, not a file; upload the image file "
+                        "itself (curl -F images=@photo.jpg), or send base64 as application/json",
+                    )
+                name = f"images[{i}] ({value.filename})" if value.filename else f"images[{i}]"
+                if value.size is not None and value.size > limits.max_image_bytes:
+                    raise InputError(413, too_large(name, value.size, limits.max_image_bytes))
+                data = await value.read(limits.max_image_bytes + 1)
+                check_size(data, name, limits.max_image_bytes)
+                uploads.append(Upload(name, value.filename or f"images[{i}]", data=data))
+            elif field == "k":
+                if isinstance(value, UploadFile):
+                    raise InputError(422, "form field 'k' must be a number, not a file")
+                k = value
+            else:
+                raise InputError(
+                    422,
+                    f"unknown form field {field!r}; upload image files in the 'images' field (repeat it for "
+                    "several images) and optionally set 'k'",
+                )
+    finally:
+        await form.close()
+    return uploads, k
+
+
+async def _read_json(request: Request, limits: Limits) -> tuple[list[Upload], Any]:
+    """Base64 images and ``k`` of a JSON body ``{"images": [...], "k": 5}``."""
+    body = b"".join([chunk async for chunk in _body_chunks(request, limits.json_body, limits)])
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise InputError(422, f"the body is not valid JSON ({exc}); send {JSON_EXAMPLE}") from None
+    if not isinstance(payload, dict):
+        raise InputError(
+            422, f"the JSON body must be an object, got {type(payload).__name__}; send {JSON_EXAMPLE}"
+        )
+    unknown = sorted(set(payload) - {*IMAGE_FIELDS, "k"})
+    if unknown:
+        raise InputError(422, f"unknown JSON field(s) {', '.join(map(repr, unknown))}; send {JSON_EXAMPLE}")
+    if all(field in payload for field in IMAGE_FIELDS):
+        raise InputError(422, "give either 'images' (a list) or 'image' (one), not both")
+    images = payload.get("images", payload.get("image"))
+    if images is None:
+        raise InputError(422, f"the JSON body has no 'images' field; send {JSON_EXAMPLE}")
+    if isinstance(images, str):
+        images = [images]
+    if not isinstance(images, list):
+        raise InputError(422, f"'images' must be a list of base64 strings, got {type(images).__name__}")
+    if len(images) > limits.max_images:
+        raise InputError(413, limits.too_many(len(images)))
+    uploads = []
+    for i, text in enumerate(images):
+        if not isinstance(text, str):
+            raise InputError(
+                422, f"images[{i}] must be a base64 string of an image file, got {type(text).__name__}"
+            )
+        uploads.append(Upload(f"images[{i}]", f"images[{i}]", text=text))
+    return uploads, payload.get("k")
+
+
+async def read_uploads(request: Request, limits: Limits) -> tuple[list[Upload], Any]:
+    """The images and the raw ``k`` of a classify request, by its content type.
+
+    Raises:
+        InputError: 415 for a body neither multipart/form-data nor JSON, else what the body's reader raises.
+    """
+    kind = _content_type(request)
+    if kind == "multipart/form-data":
+        return await _read_multipart(request, limits)
+    if kind == "application/json" or kind.endswith("+json"):
+        return await _read_json(request, limits)
+    raise InputError(
+        415,
+        f"unsupported content type {kind or '(none)'!r}; send multipart/form-data with image files in "
+        f"the 'images' field, or application/json {JSON_EXAMPLE}",
+    )

@@ -1,0 +1,72 @@
+"""Caching a prompted teacher's class text features: after training, and for any other class list later."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdprompt.data.classnames import read_classnames_file
+from kdprompt.models.teacher import PromptedClip, load_teacher
+from kdprompt.text_features.store import TextCache, build_cache
+
+
+def cache_class_features(
+    model: PromptedClip,
+    classnames: list[str],
+    out_dir: Path,
+    *,
+    provenance: dict[str, Any],
+    teacher_fingerprint: str | None = None,
+) -> TextCache:
+    """Encode ``classnames`` with the prompted teacher ``model`` and write them as a cache at ``out_dir``.
+
+    Args:
+        model: the teacher (in eval mode), on any device.
+        classnames: the classes to encode, in row order.
+        out_dir: the cache directory to create or replace.
+        provenance: facts recorded in the manifest (teacher path, classes file, method, ...).
+        teacher_fingerprint: the teacher's fingerprint; default ``model.fingerprint`` (a loaded teacher
+            has one, a freshly trained one gets it from ``save_teacher``).
+
+    Returns:
+        The cache written.
+    """
+    with torch.no_grad():
+        features = model.class_features(classnames).float().cpu()
+    return build_cache(
+        features,
+        classnames,
+        out_dir,
+        teacher_fingerprint=teacher_fingerprint if teacher_fingerprint is not None else model.fingerprint,
+        logit_scale=float(model.logit_scale),
+        provenance=provenance,
+    )
+
+
+def write_cache_for_teacher(
+    teacher_dir: Path, classes_file: Path, out: Path | None, device: str
+) -> tuple[Path, int]:
+    """Cache the classes listed in ``classes_file`` with the teacher saved in ``teacher_dir``.
+
+    Args:
+        teacher_dir: a teacher directory (``runs/<name>/teacher``).
+        classes_file: the class names (see :func:`~kdprompt.data.classnames.read_classnames_file`).
+        out: the cache directory; default ``cache/<teacher run name>-<classes file stem>``.
+        device: where to encode the class names.
+
+    Returns:
+        The cache directory and the number of classes cached.
+    """
+    # The class list first: a bad file fails before the (slow) teacher is loaded.
+    classnames = read_classnames_file(classes_file)
+    model = load_teacher(teacher_dir, device=device)
+    out = out or Path("cache") / f"{Path(teacher_dir).resolve().parent.name}-{Path(classes_file).stem}"
+    cache_class_features(
+        model,
+        classnames,
+        out,
+        provenance={"teacher": str(teacher_dir), "classes_file": str(classes_file)},
+    )
+    return out, len(classnames)
