@@ -5,7 +5,7 @@ compact student image encoder from unlabelled webdataset shards; the student shi
 text features alone.
 """
 
-__version__ = "0.1.0"
+from kdprompt.version import __version__ as __version__
 
 
 def __getattr__(name: str):  # lazy: `import kdprompt` stays light for the CLI

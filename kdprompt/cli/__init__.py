@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from kdprompt import __version__
+from kdprompt.version import __version__
 from kdprompt.cli.benchmarks import bench
 from kdprompt.cli.data import cache, shards
 from kdprompt.cli.demo import demo

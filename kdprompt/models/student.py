@@ -16,7 +16,6 @@ from pydantic import Field, field_validator
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from kdprompt import __version__
 from kdprompt.config.base import StrictModel
 from kdprompt.errors import KdpromptError
 from kdprompt.io import atomic_write, write_json_atomic
@@ -27,6 +26,7 @@ from kdprompt.models.teacher import model_identity
 from kdprompt.models.towers import AppendPrompts, PromptedVisionTower
 from kdprompt.registry import Registry
 from kdprompt.text_features import load_cache
+from kdprompt.version import __version__
 
 PROJECTORS: Registry[type[nn.Module]] = Registry("projector")
 
@@ -63,7 +63,8 @@ class Adaptation:
     """Whether every weight of the image tower trains (else it is frozen and kept in eval mode)."""
 
     def attach(self, student: Student, cfg: StudentConfig) -> None:
-        """Add the adaptation's trainable parts to ``student``; default none."""
+        """Add the adaptation's trainable parts to ``student`` (its tower is already frozen unless
+        ``trains_tower``); default none."""
 
     def tower_features(self, student: Student, images: Tensor) -> Tensor:
         """The adapted tower's output, before the projector."""
@@ -150,8 +151,9 @@ class Student(nn.Module):
         in_dim = _output_dim(clip.model)
         self.prompts: nn.ParameterList | None = None
         self.adapter = ADAPTATIONS.get(cfg.adaptation)()
-        self.adapter.attach(self, cfg)
+        # Freeze (or not) first: an adaptation may then add parameters or unfreeze parts of the tower.
         self.visual.requires_grad_(self.adapter.trains_tower)
+        self.adapter.attach(self, cfg)
         self.projector = PROJECTORS.get(cfg.projector)(in_dim, out_dim)
         self.name = f"student {clip.spec.name} ({cfg.adaptation})"
 

@@ -19,13 +19,13 @@ from pydantic import TypeAdapter, ValidationError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from kdprompt import __version__
 from kdprompt.errors import KdpromptError
 from kdprompt.io import atomic_write, file_sha256, write_json_atomic
 from kdprompt.models.loading import LoadedClip, create_clip
 from kdprompt.models.prompt_methods import PROMPT_METHODS, MethodConfig
 from kdprompt.models.spec import ModelSpec
 from kdprompt.models.towers import AppendPrompts, PromptedTextTower, PromptedVisionTower, ReplacePrompts
+from kdprompt.version import __version__
 
 TEACHER_FORMAT_VERSION = 1
 PROMPTS_FILE = "prompts.safetensors"

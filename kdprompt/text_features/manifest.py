@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from kdprompt import __version__
+from kdprompt.version import __version__
 from kdprompt.data.classnames import SHOW_NAMES, listing
 from kdprompt.errors import KdpromptError
 

@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from torch import Tensor
 
-from kdprompt import __version__
+from kdprompt.version import __version__
 from kdprompt.deploy import Bundle
 from kdprompt.deploy.serve.batcher import BatcherError, MicroBatcher
 from kdprompt.deploy.serve.inputs import InputError, check_size, decode_base64, decode_image, parse_k

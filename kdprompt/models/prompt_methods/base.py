@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +24,6 @@ from torch import Tensor, nn
 from kdprompt.config.base import StrictModel
 from kdprompt.errors import KdpromptError
 from kdprompt.registry import Registry
-
-if TYPE_CHECKING:  # annotations only: the prompted CLIP builds its learner from this registry
-    from kdprompt.models.teacher import PromptedClip
 
 PROMPT_INIT_STD = 0.02
 
@@ -71,6 +68,20 @@ def check_depth(depth: int, layers: int, field: str) -> None:
     """Refuse a prompt depth the tower cannot take, naming the recipe field."""
     if not 1 <= depth <= layers:
         raise KdpromptError(f"{field} is {depth}, but the tower has {layers} blocks; use 1..{layers}")
+
+
+class FrozenClip(Protocol):
+    """What a method's loss may use of the prompted CLIP it trains in (kdprompt.models.teacher.PromptedClip)."""
+
+    clip_model: nn.Module
+    tokenizer: Callable[[list[str]], Tensor]
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def frozen_image_features(self, images: Tensor) -> Tensor:
+        """The frozen CLIP's L2-normalised image features (no prompts)."""
+        ...
 
 
 @dataclass
@@ -136,10 +147,10 @@ class PromptLearner(nn.Module):
     Config: ClassVar[type[PromptMethodConfig]] = PromptMethodConfig
     prefix: str
 
-    def prepare_training(self, model: PromptedClip, classnames: list[str]) -> None:
+    def prepare_training(self, model: FrozenClip, classnames: list[str]) -> None:
         """Compute what the loss needs once before training (e.g. frozen text features); default nothing."""
 
-    def training_loss(self, model: PromptedClip, out: TeacherOutputs) -> dict[str, Tensor]:
+    def training_loss(self, model: FrozenClip, out: TeacherOutputs) -> dict[str, Tensor]:
         """The weighted loss terms of one batch and their sum under ``"loss"``."""
         return {"loss": F.cross_entropy(out.logits, out.labels)}
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from kdprompt.config.base import StrictModel
 from kdprompt.models.prompt_methods.base import (
     PROMPT_METHODS,
+    FrozenClip,
     PromptAggregation,
     PromptLearner,
     PromptMethodConfig,
@@ -29,7 +30,6 @@ from kdprompt.models.templates import TEMPLATE_SETS, text_classifier
 
 if TYPE_CHECKING:
     from kdprompt.models.loading import LoadedClip
-    from kdprompt.models.teacher import PromptedClip
 
 
 class GPAConfig(StrictModel):
@@ -196,7 +196,7 @@ class IndependentPrompts(PromptLearner):
     def vision_prompts(self) -> list[Tensor | None]:
         return list(self.vision)
 
-    def prepare_training(self, model: PromptedClip, classnames: list[str]) -> None:
+    def prepare_training(self, model: FrozenClip, classnames: list[str]) -> None:
         """The frozen CLIP's template-ensemble class features, which the text L1 pulls towards."""
         self._frozen_text = text_classifier(
             model.clip_model.encode_text,
@@ -206,7 +206,7 @@ class IndependentPrompts(PromptLearner):
             device=model.device,
         )
 
-    def training_loss(self, model: PromptedClip, out: TeacherOutputs) -> dict[str, Tensor]:
+    def training_loss(self, model: FrozenClip, out: TeacherOutputs) -> dict[str, Tensor]:
         """PromptSRC's weighted terms: CE, text L1, image L1 and KL(zero-shot ‖ prompted)."""
         if self._frozen_text is None:
             raise RuntimeError("call prepare_training before training_loss")
