@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 
 import kdprompt
-from kdprompt.models.student import StudentConfig
 from kdprompt.data.sources import load_split
 from kdprompt.deploy import export_bundle, load_bundle
 from kdprompt.deploy.encoder import (
@@ -26,7 +25,7 @@ from kdprompt.deploy.encoder import (
 from kdprompt.errors import KdpromptError
 from kdprompt.evaluate import evaluate_base_novel
 from kdprompt.models import ModelSpec, create_clip
-from kdprompt.models.student import MLPProjector, Student, StudentClassifier, load_student
+from kdprompt.models.student import MLPProjector, Student, StudentClassifier, StudentConfig, load_student
 
 pytestmark = pytest.mark.slow
 

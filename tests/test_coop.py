@@ -24,8 +24,7 @@ from fixtures_coop import (
     write_image,
 )
 
-from kdprompt.data.coop import COOP_DATASETS, CoopData
-from kdprompt.data.coop import COOP_LAYOUT, coop_paths, load_coop_split
+from kdprompt.data.coop import COOP_DATASETS, COOP_LAYOUT, CoopData, coop_paths, load_coop_split
 from kdprompt.data.protocol import few_shot, subsample_classes
 from kdprompt.data.sources import SOURCES
 from kdprompt.data.types import load_image

@@ -12,9 +12,8 @@ from safetensors.torch import load_file
 
 from kdprompt.config.distill import DistillRecipe
 from kdprompt.config.loading import load_recipe
-from kdprompt.models.student import StudentConfig
 from kdprompt.models import ModelSpec, create_clip
-from kdprompt.models.student import Student, count_parameters, load_student
+from kdprompt.models.student import Student, StudentConfig, count_parameters, load_student
 from kdprompt.models.teacher import load_teacher
 from kdprompt.objectives import DistillObjectives
 from kdprompt.text_features import build_cache, load_cache

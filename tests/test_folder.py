@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 from fixtures_coop import write_image
 
-from kdprompt.data.folder import FolderData
-from kdprompt.data.folder import load_folder_split, split_dirs
+from kdprompt.data.folder import FolderData, load_folder_split, split_dirs
 from kdprompt.data.sources import SOURCES
 from kdprompt.data.types import load_image
 from kdprompt.errors import KdpromptError

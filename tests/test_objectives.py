@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from kdprompt.errors import KdpromptError
+from kdprompt.objectives import OBJECTIVES, DistillBatch, DistillObjectives
 from kdprompt.objectives.crd import CRDObjectiveConfig
 from kdprompt.objectives.fd import FDObjectiveConfig
 from kdprompt.objectives.icl import ICLObjectiveConfig
 from kdprompt.objectives.kl import KLObjectiveConfig
-from kdprompt.errors import KdpromptError
-from kdprompt.objectives import OBJECTIVES, DistillBatch, DistillObjectives
 
 B, C, D = 4, 5, 3
 LAMBDA = 10.0

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from kdprompt.data import synthetic as syn
-from kdprompt.data.synthetic import SyntheticData
 from kdprompt.data.sources import SOURCES
 from kdprompt.data.splitfile import read_split_file
+from kdprompt.data.synthetic import SyntheticData
 from kdprompt.data.types import load_image
 from kdprompt.errors import KdpromptError
 

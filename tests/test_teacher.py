@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from conftest import accelerate_launch
 from safetensors.torch import load_file
 
-from kdprompt.models.prompt_methods import MaPLeConfig, PromptSRCConfig
 from kdprompt.errors import KdpromptError
 from kdprompt.models import ModelSpec, create_clip
-from kdprompt.models.teacher import PromptedClip, load_teacher
+from kdprompt.models.prompt_methods import MaPLeConfig, PromptSRCConfig
 from kdprompt.models.prompt_methods.promptsrc import gaussian_epoch_weights
+from kdprompt.models.teacher import PromptedClip, load_teacher
 from kdprompt.text_features import load_cache
 from kdprompt.train.checkpoint import list_checkpoints, load_checkpoint
 

@@ -40,7 +40,7 @@ QUICK_TEACHER_OVERRIDES = [
 
 def pretrained_or_train(recipe: PretrainRecipe) -> dict:
     """Reuse the exported weights when their provenance matches ``recipe``, else pre-train now."""
-    from kdprompt.train.pretrain import run_dir_of, run_pretrain
+    from kdprompt.train.pretrain_loop import run_dir_of, run_pretrain
 
     assert recipe.export is not None
     provenance = recipe.export.with_suffix(".json")
@@ -99,7 +99,7 @@ def _pretrain_stage(
 
 def _teacher_stage(out: Path, cache_dir: Path, quick: bool, demo_dir: Path, weights: Path) -> list[dict]:
     """Train the PromptSRC and MaPLe demo teachers; rows of base / novel / HM on the downstream test split."""
-    from kdprompt.train.teacher import run_dir_of, run_teacher
+    from kdprompt.train.teacher_loop import run_dir_of, run_teacher
 
     rows: list[dict] = []
     for method in DEMO_TEACHERS:
@@ -144,7 +144,7 @@ def _student_stage(out: Path, cache_dir: Path, quick: bool, demo_dir: Path, weig
     from kdprompt.models.loading import create_clip
     from kdprompt.models.student import StudentClassifier, count_parameters, load_student
     from kdprompt.models.teacher import load_teacher
-    from kdprompt.train.distill import run_dir_of, run_distill
+    from kdprompt.train.distill_loop import run_dir_of, run_distill
 
     teacher_name = f"demo{'-quick' if quick else ''}-teacher-promptsrc"
     overrides = [

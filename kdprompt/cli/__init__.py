@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import click
 
-from kdprompt.version import __version__
 from kdprompt.cli.benchmarks import bench
 from kdprompt.cli.data import cache, shards
 from kdprompt.cli.demo import demo
@@ -17,6 +16,7 @@ from kdprompt.cli.deployment import export_command, predict_command, serve_comma
 from kdprompt.cli.evaluation import eval_command
 from kdprompt.cli.options import CONTEXT_SETTINGS
 from kdprompt.cli.training import distill, pretrain, recipes, teacher
+from kdprompt.version import __version__
 
 
 @click.group(context_settings=CONTEXT_SETTINGS)

@@ -13,9 +13,9 @@ from kdprompt.errors import KdpromptError
 
 def training_loops() -> dict[str, Callable[[Any], Any]]:
     """The run function of each recipe kind (the one place naming the training loop modules)."""
-    from kdprompt.train.distill import run_distill
-    from kdprompt.train.pretrain import run_pretrain
-    from kdprompt.train.teacher import run_teacher
+    from kdprompt.train.distill_loop import run_distill
+    from kdprompt.train.pretrain_loop import run_pretrain
+    from kdprompt.train.teacher_loop import run_teacher
 
     return {"pretrain": run_pretrain, "teacher": run_teacher, "distill": run_distill}
 

@@ -542,7 +542,10 @@ class SyntheticData(DataSource):
 
     def identity(self) -> dict[str, Any]:
         """The world's directory name (generator version and style hashed in), not where it is stored."""
-        return {**{k: v for k, v in self.model_dump(mode="json").items() if k != "root"}, "world": world_dir(self).name}
+        return {
+            **{k: v for k, v in self.model_dump(mode="json").items() if k != "root"},
+            "world": world_dir(self).name,
+        }
 
 
 __all__ = [

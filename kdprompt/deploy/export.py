@@ -109,10 +109,10 @@ def export_bundle(
     """
     from safetensors.torch import save_file
 
-    from kdprompt.version import __version__
     from kdprompt.deploy.encoder import ImageEncoder, open_clip_config
     from kdprompt.io import atomic_path
     from kdprompt.models.student import STUDENT_FILE, STUDENT_WEIGHTS, load_student
+    from kdprompt.version import __version__
 
     student_dir = resolve_student_dir(student_run)
     out = Path(out)

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from kdprompt.version import __version__
 from kdprompt.data.classnames import SHOW_NAMES, listing
 from kdprompt.errors import KdpromptError
+from kdprompt.version import __version__
 
 FORMAT_VERSION = 1
 CACHE_KIND = "kdprompt-text-cache"

@@ -1,5 +1,5 @@
-"""What every training loop shares: the Accelerator, the learning-rate schedule, parameter groups, and
-the shard-streaming step loop of pretrain and distill."""
+"""What the training stages share below the run scaffold (:mod:`kdprompt.train.run`): the Accelerator, the
+learning-rate schedule, parameter groups, images/s, and the shard stream of pretrain and distill."""
 
 from __future__ import annotations
 
@@ -148,7 +148,25 @@ def stream_steps(
                 return
 
 
-class StreamMeter:
+class ImageRate:
+    """Images per second over a log window, counting every rank's images (``world`` x this rank's)."""
+
+    def __init__(self, world: int) -> None:
+        self.world = world
+        self._window_start, self._window_images = time.perf_counter(), 0
+
+    def add(self, images: int) -> None:
+        """Count this rank's ``images`` of one batch."""
+        self._window_images += images * self.world
+
+    def per_s(self) -> float:
+        """Images/s since the last call (or the start); starts a new window."""
+        rate = self._window_images / max(time.perf_counter() - self._window_start, 1e-9)
+        self._window_start, self._window_images = time.perf_counter(), 0
+        return rate
+
+
+class StreamMeter(ImageRate):
     """What a shard-streaming loop counts: samples, corrupt samples, shards read, images/s per log window.
 
     Args:
@@ -157,28 +175,22 @@ class StreamMeter:
     """
 
     def __init__(self, counters: dict[str, int], world: int) -> None:
+        super().__init__(world)
         self.counters = counters
-        self.world = world
         self.shards_read: set[str] = set()
-        self._window_start, self._window_images = time.perf_counter(), 0
 
     def record(self, batch: dict) -> None:
         """Count one batch from :func:`stream_steps`."""
         self.counters["corrupt"] += int(batch["corrupt"])
         self.counters["samples"] += len(batch["key"])
         self.shards_read.update(batch["url"])
-        self._window_images += len(batch["key"]) * self.world
+        self.add(len(batch["key"]))
 
     def window(self, accelerator: Accelerator) -> dict[str, float | int]:
         """``images_per_s`` since the last call and ``corrupt_samples`` over all ranks; starts a new window."""
-        elapsed = time.perf_counter() - self._window_start
+        images_per_s = self.per_s()
         corrupt = torch.tensor(self.counters["corrupt"], device=accelerator.device)
-        row = {
-            "images_per_s": self._window_images / max(elapsed, 1e-9),
-            "corrupt_samples": int(accelerator.reduce(corrupt, "sum")),
-        }
-        self._window_start, self._window_images = time.perf_counter(), 0
-        return row
+        return {"images_per_s": images_per_s, "corrupt_samples": int(accelerator.reduce(corrupt, "sum"))}
 
 
 def ended_early(step: int, total_steps: int, accelerator: Accelerator) -> bool:

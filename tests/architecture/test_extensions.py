@@ -14,8 +14,6 @@ from typing import Literal
 import pytest
 import torch
 import torch.nn.functional as F
-from kdprompt.train.distill_loop import run_distill
-from kdprompt.train.teacher_loop import run_teacher
 from PIL import Image
 from pydantic import Field
 
@@ -29,6 +27,8 @@ from kdprompt.models import ModelSpec, create_clip, save_clip_weights
 from kdprompt.models.prompt_methods import PROMPT_METHODS, PromptLearner, PromptMethodConfig, phrase_context
 from kdprompt.models.student import ADAPTATIONS, Adaptation
 from kdprompt.objectives import OBJECTIVES, Objective, ObjectiveConfig
+from kdprompt.train.distill_loop import run_distill
+from kdprompt.train.teacher_loop import run_teacher
 
 # ------------------------------------------------------------------ a data source: flat colour swatches
 

@@ -18,7 +18,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from torch import Tensor
 
-from kdprompt.version import __version__
 from kdprompt.deploy import Bundle
 from kdprompt.deploy.serve.batcher import BatcherError, MicroBatcher
 from kdprompt.deploy.serve.inputs import InputError, check_size, decode_base64, decode_image, parse_k
@@ -26,6 +25,7 @@ from kdprompt.deploy.serve.openapi import ERROR_RESPONSES, app_description, clas
 from kdprompt.deploy.serve.request_body import JSON_EXAMPLE, Upload, read_uploads
 from kdprompt.deploy.serve.schemas import ClassesResponse, ClassifyResponse, HealthResponse, Limits
 from kdprompt.errors import KdpromptError
+from kdprompt.version import __version__
 
 
 def _error(status: int, detail: str) -> JSONResponse:
