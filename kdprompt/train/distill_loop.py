@@ -181,16 +181,7 @@ class DistillStage(StreamStage):
             digest.update(key.encode() + value.detach().cpu().contiguous().numpy().tobytes())
         self.write_data_record(run, weights_sha256=digest.hexdigest())
         if run.main:
-            _finish(
-                self.recipe,
-                self.core.student,
-                self.teacher,
-                self.cache,
-                run.run_dir,
-                run.step,
-                run.world,
-                self.counters,
-            )
+            _finish(self, run)
 
 
 def run_distill(recipe: DistillRecipe) -> Path:
@@ -198,25 +189,23 @@ def run_distill(recipe: DistillRecipe) -> Path:
     return run_stage(DistillStage(recipe))
 
 
-def _finish(
-    recipe: DistillRecipe,
-    student: nn.Module,
-    teacher: Any,
-    cache: Any,
-    run_dir: Path,
-    steps: int,
-    world: int,
-    counters: dict,
-) -> None:
+def _finish(stage: DistillStage, run: Run) -> None:
     """Write the student artefact, evaluate and plot (main process)."""
     from kdprompt.models.student import save_student
 
+    recipe, student, teacher, cache, run_dir = (
+        stage.recipe,
+        stage.core.student,
+        stage.teacher,
+        stage.cache,
+        run.run_dir,
+    )
     student.eval()
     save_student(run_dir, student, recipe=recipe, teacher=teacher, cache=cache, cache_path=cache_of(recipe))
     results: dict[str, Any] = {
-        "steps": steps,
-        "world_size": world,
-        "corrupt_samples": counters["corrupt"],
+        "steps": run.step,
+        "world_size": run.world,
+        "corrupt_samples": stage.counters["corrupt"],
         "image_tower_parameters": student.image_tower_parameters(),
         "teacher_image_tower_parameters": sum(p.numel() for p in teacher.clip_model.visual.parameters()),
     }

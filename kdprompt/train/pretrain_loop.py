@@ -82,10 +82,9 @@ class PretrainStage(StreamStage):
         with run.accelerator.autocast():
             image_f, text_f, scale = self.model(images, tokens)[:3]
             loss = self.loss_fn(image_f, text_f, scale)
-        clip = (self.model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
-        run.optimizer_step(
-            self.optimizer, loss, cosine_lr(run.step, run.total_steps, cfg.lr, cfg.warmup_steps), clip
-        )
+        lr = cosine_lr(run.step, run.total_steps, cfg.lr, cfg.warmup_steps)
+        clip_grad = (self.model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
+        run.optimizer_step(self.optimizer, loss, lr, clip_grad)
         with torch.no_grad():
             self.core.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         self.meter.record(batch)

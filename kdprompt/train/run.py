@@ -244,11 +244,8 @@ def open_run(stage: Stage, *, resume: bool = True, tensorboard: bool = True) -> 
         ckpt = resume_training(recipe.resume, run.ckpt_dir, run.fingerprint, stage.optimizer, main=run.main)
         if ckpt is not None:
             stage.restore(ckpt)
-            run.step, stage.counters, restored_rng = (
-                ckpt.step,
-                dict(ckpt.state["counters"]),
-                ckpt.state["rng"],
-            )
+            run.step, restored_rng = ckpt.step, ckpt.state["rng"]
+            stage.counters = dict(ckpt.state["counters"])
     stage.model, stage.optimizer = run.accelerator.prepare(stage.model, stage.optimizer)
     stage.start(run)
     stop_after = recipe.train.stop_after_steps
@@ -298,7 +295,7 @@ def run_stage(stage: Stage) -> Path:
         terms = stage.step(run, batch)
         run.step += 1
         bar.update(1)
-        epoch_end = stage.epoch_checkpoints and run.step % run.per_epoch == 0
+        epoch_end = stage.epoch_checkpoints and run.step % run.per_epoch == 0  # only where it counts
         if run.step % log_every == 0 or run.step == run.total_steps or epoch_end:
             row = stage.row(run, epoch, terms)
             run.metrics.log(row, run.step)

@@ -135,10 +135,8 @@ class TeacherStage(Stage):
         cfg, seed, step = self.recipe.train, self.recipe.seed, run.step
         while step < run.stop_at:
             epoch, skip = divmod(step, run.per_epoch)
-            batches = epoch_batches(len(self.dataset), cfg.batch_size, seed, epoch, run.rank, run.world)[
-                skip:
-            ]
-            loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=cfg.num_workers)
+            batches = epoch_batches(len(self.dataset), cfg.batch_size, seed, epoch, run.rank, run.world)
+            loader = DataLoader(self.dataset, batch_sampler=batches[skip:], num_workers=cfg.num_workers)
             if restored_rng is not None:
                 restore_rng_on_resume(restored_rng, run.main, seed + 7919 * run.rank + step)
                 restored_rng = None
@@ -216,16 +214,7 @@ class TeacherStage(Stage):
         final, selected = self.final_state()
         self.core.learner.load_state_dict(final)
         if run.main:
-            _finish(
-                self.recipe,
-                self.core,
-                run.run_dir,
-                self.classnames,
-                self.all_classnames,
-                self.train,
-                selected,
-                run.step,
-            )
+            _finish(self, run.run_dir, selected, run.step)
 
 
 def run_teacher(recipe: TeacherRecipe) -> Path:
@@ -238,31 +227,23 @@ def run_teacher(recipe: TeacherRecipe) -> Path:
     return run_stage(TeacherStage(recipe))
 
 
-def _finish(
-    recipe: TeacherRecipe,
-    core: PromptedClip,
-    run_dir: Path,
-    classnames: list[str],
-    all_classnames: list[str],
-    train: Split,
-    selected: str,
-    steps: int,
-) -> None:
+def _finish(stage: TeacherStage, run_dir: Path, selected: str, steps: int) -> None:
     """Write the artefact, the cache of all classes, the evaluation and the curves (main process)."""
     from kdprompt.text_features.teacher import cache_class_features
 
+    recipe, core, all_classnames = stage.recipe, stage.core, stage.all_classnames
     core.eval()
     fingerprint = save_teacher(
         run_dir,
         core,
-        classnames=classnames,
+        classnames=stage.classnames,
         all_classnames=all_classnames,
         extra={
             "data": recipe.data.model_dump(mode="json"),
             "fewshot": recipe.fewshot.model_dump(mode="json"),
             "seed": recipe.seed,
             "selection": selected,
-            "train_images": len(train),
+            "train_images": len(stage.train),
             "steps": steps,
         },
     )
