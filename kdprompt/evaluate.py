@@ -25,6 +25,7 @@ from kdprompt.models.templates import SIMPLE_TEMPLATE, TEMPLATE_SETS, text_class
 if TYPE_CHECKING:
     from kdprompt.models.loading import LoadedClip
 
+
 def harmonic_mean(a: float, b: float) -> float:
     """Harmonic mean of two accuracies (0 when either is 0)."""
     return 0.0 if a <= 0 or b <= 0 else 2 * a * b / (a + b)
