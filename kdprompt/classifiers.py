@@ -54,6 +54,8 @@ class Classifiers:
     bundles: list[Path]
     templates: str = "simple"
     device: str = "cpu"
+    data_config: Any = None
+    """The labelled data the models are evaluated on (the ``coop`` templates take its dataset)."""
     preloaded_teacher: Any = field(default=None, repr=False)
     """The first teacher, when it was loaded early for its data config (handed out once)."""
 
@@ -75,7 +77,9 @@ class Classifiers:
 
         for name, pretrained in self.zero_shot:
             clip = create_clip(ModelSpec(name=name, pretrained=pretrained), device=self.device)
-            clf = ZeroShotClassifier(clip, templates=self.templates, name=zero_shot_name(name, pretrained))
+            clf = ZeroShotClassifier(
+                clip, templates=self.templates, name=zero_shot_name(name, pretrained), data=self.data_config
+            )
             spec = clip.spec.model_dump(mode="json")
             yield clf, {"kind": "zero-shot", "spec": spec, "templates": self.templates}
 
@@ -112,14 +116,16 @@ def load_classifiers(
         teachers: teacher directories (``runs/<name>/teacher``).
         students: distilled students (``runs/<name>/student``), with their cached text features.
         bundles: bundles from ``kdprompt export``.
-        templates: zero-shot prompts, ``simple`` or ``ensemble``.
+        templates: zero-shot prompts: ``simple``, ``ensemble``, ``promptsrc`` or ``coop`` (the data's
+            CoOp template; see :func:`~kdprompt.models.templates.template_set`).
         data_src: a directory, a data YAML file or a source name; default: the data the first
             teacher records, else the data of the first bundle's teacher.
         overrides: ``key=value`` overrides of the data config.
         device: where the models run (a resolved torch device).
 
     Raises:
-        KdpromptError: no model given, a bad spec, or no data config to be found.
+        KdpromptError: no model given, a bad spec, no data config to be found, or templates that do not
+            fit the data.
     """
     if not zero_shot and not teachers and not students and not bundles:
         raise KdpromptError(
@@ -138,8 +144,15 @@ def load_classifiers(
     if data_src is not None:
         from kdprompt.data.from_src import data_config_from_src
 
-        return classifiers, data_config_from_src(data_src, overrides)
-    return classifiers, _recorded_data_config(classifiers, overrides)
+        data_config = data_config_from_src(data_src, overrides)
+    else:
+        data_config = _recorded_data_config(classifiers, overrides)
+    if classifiers.zero_shot:
+        from kdprompt.models.templates import template_set
+
+        template_set(templates, data_config)  # a set that does not fit the data fails before any model loads
+    classifiers.data_config = data_config
+    return classifiers, data_config
 
 
 def _recorded_data_config(classifiers: Classifiers, overrides: Sequence[str]) -> DataSource:

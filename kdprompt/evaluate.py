@@ -20,7 +20,7 @@ from kdprompt.data.dataset import SplitDataset
 from kdprompt.data.protocol import base_novel_labels
 from kdprompt.data.types import Split
 from kdprompt.errors import KdpromptError
-from kdprompt.models.templates import SIMPLE_TEMPLATE, TEMPLATE_SETS, text_classifier
+from kdprompt.models.templates import TEMPLATE_SETS, TemplateSet, template_set, text_classifier
 
 if TYPE_CHECKING:
     from kdprompt.models.loading import LoadedClip
@@ -63,7 +63,7 @@ def zero_shot_accuracy(
     tokenizer: Callable[[list[str]], torch.Tensor],
     transform: Callable,
     split: Split,
-    templates: Sequence[str] = (SIMPLE_TEMPLATE,),
+    templates: TemplateSet | Sequence[str] = TEMPLATE_SETS["simple"],
     device: torch.device | str = "cpu",
     batch_size: int = 256,
 ) -> float:
@@ -119,24 +119,29 @@ class ZeroShotClassifier:
 
     Args:
         clip: the model with its tokenizer and evaluation transform.
-        templates: ``"simple"`` ("a photo of a {}."), ``"ensemble"`` (the 80 OpenAI ImageNet
-            templates, averaged), or an explicit sequence of ``{}`` templates.
+        templates: a template set by name (see :func:`~kdprompt.models.templates.template_set`; ``coop``
+            needs ``data``), a :class:`~kdprompt.models.templates.TemplateSet`, or a sequence of
+            ``{}`` templates (normalised features averaged).
         name: report name; default ``"zero-shot <model name>"``.
+        data: the data config of the classes, for ``templates="coop"``.
+
+    Raises:
+        KdpromptError: an unknown template set, or ``coop`` without coop data.
     """
 
     def __init__(
-        self, clip: LoadedClip, templates: str | Sequence[str] = "simple", name: str | None = None
+        self,
+        clip: LoadedClip,
+        templates: str | TemplateSet | Sequence[str] = "simple",
+        name: str | None = None,
+        data: Any = None,
     ) -> None:
         if isinstance(templates, str):
-            if templates not in TEMPLATE_SETS:
-                raise KdpromptError(
-                    f"unknown template set {templates!r}; choose one of {', '.join(TEMPLATE_SETS)}"
-                )
-            templates = TEMPLATE_SETS[templates]
+            templates = template_set(templates, data)
         self.model = clip.model
         self.tokenizer = clip.tokenizer
         self.transform = clip.preprocess_val
-        self.templates = tuple(templates)
+        self.templates = templates if isinstance(templates, TemplateSet) else TemplateSet(tuple(templates))
         self.name = name or f"zero-shot {clip.spec.name}"
         self.model.eval()
 

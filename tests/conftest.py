@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -168,3 +170,20 @@ def bundle_dir(student_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundle") / "bundle"
     export_bundle(student_run["student"], out, onnx=True)
     return out
+
+
+def assert_dassl_lr_per_epoch(metrics_jsonl: Path, train: Any) -> None:
+    """Every logged training row of a run with ``lr_schedule: dassl`` has its epoch's Dassl lr.
+
+    Rows are logged after their step, so a row at ``step`` trained at step ``step - 1``.
+    """
+    from kdprompt.train.metrics import read_jsonl
+    from kdprompt.train.runtime import dassl_epoch_lr
+
+    rows = [r for r in read_jsonl(metrics_jsonl) if "lr" in r]
+    per_epoch = rows[-1]["step"] // train.epochs
+    for row in rows:
+        epoch = (row["step"] - 1) // per_epoch
+        expected = dassl_epoch_lr(epoch, train.epochs, train.lr, train.warmup_epochs, train.warmup_lr)
+        assert row["lr"] == pytest.approx(expected, rel=1e-9), row
+    assert len({row["lr"] for row in rows}) == train.epochs

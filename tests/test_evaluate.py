@@ -239,3 +239,37 @@ def test_registered_as_kdprompt_eval(cli):
     result = cli("eval", "--help")
     assert result.exit_code == 0
     assert "--zero-shot MODEL[@PRETRAINED]" in result.output and "Examples:" in result.output
+
+
+def test_cli_coop_templates_take_the_dataset_of_the_data(tmp_path, world_root):
+    from fixtures_coop import make_dtd
+
+    from kdprompt.cli.evaluation import TEMPLATE_CHOICES
+    from kdprompt.data.coop import CoopData
+    from kdprompt.models.templates import TEMPLATE_SET_NAMES
+
+    assert TEMPLATE_CHOICES == TEMPLATE_SET_NAMES
+    root = make_dtd(tmp_path / "coop")
+    weights = save_clip_weights(
+        create_clip(ModelSpec(name="kd-tiny-student")).model, tmp_path / "w.safetensors"
+    )
+    out = tmp_path / "eval"
+    result = invoke(
+        "--zero-shot", f"kd-tiny-student@{weights}", "--data", "coop", f"root={root}", "dataset=dtd",
+        "--templates", "coop", "--out", out, "--device", "cpu",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    [row] = json.loads((out / "metrics.json").read_text())
+    assert (row["templates"], row["data"]["dataset"]) == ("coop", "dtd")
+    # CoOp's DTD template (trainers/zsclip.py): the same numbers as "{} texture." given by hand.
+    clip = create_clip(ModelSpec(name="kd-tiny-student", pretrained=str(weights)))
+    test = load_split(CoopData(root=root, dataset="dtd"), "test")
+    direct = evaluate_base_novel(ZeroShotClassifier(clip, templates=["{} texture."]), test)
+    assert {k: row[k] for k in ("base", "novel", "all")} == pytest.approx(
+        {k: direct[k] for k in ("base", "novel", "all")}
+    )
+
+    wrong = invoke("--zero-shot", "kd-tiny-student", "--data", "synthetic", *world_overrides(world_root),
+                   "--templates", "coop", "--out", tmp_path / "e")  # fmt: skip
+    assert wrong.exit_code == 2 and "need coop data" in wrong.output
+    assert not (tmp_path / "e").exists()

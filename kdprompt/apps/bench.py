@@ -10,6 +10,10 @@ class features) and with the teacher it came from (prompted image tower, its cla
 computed once before timing), so the ratio is the deployment speed-up of distillation.
 
 ``serve`` load-tests ``kdprompt serve`` on a bundle, in this process on a loopback port.
+
+``mixing`` counts distinct classes per batch streamed from a class-grouped split (CoOp lists images
+class by class): shards written in split order and read one at a time, as before, against shards
+written in a seeded order and read several at a time through the real loader.
 """
 
 from __future__ import annotations
@@ -232,3 +236,91 @@ def serve_table(figures: dict[str, Any]) -> str:
     rule = "|" + "|".join("---:" for _ in SERVE_COLUMNS) + "|"
     row = "| " + " | ".join(str(figures[key]) for _, key in SERVE_COLUMNS) + " |"
     return "\n".join([head, rule, row])
+
+
+def _class_grouped_split(classes: int, per_class: int) -> Any:
+    """``classes`` x ``per_class`` samples listed class by class, each a 1x1 PNG (only labels matter)."""
+    import io
+
+    from PIL import Image
+
+    from kdprompt.data.types import Sample, Split
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, format="PNG")
+    png = buf.getvalue()
+    names = [f"class {c}" for c in range(classes)]
+    samples = [Sample(png, c, names[c], key=f"{c}_{i}") for c in range(classes) for i in range(per_class)]
+    return Split(samples, names, name="train")
+
+
+def _distinct_per_batch(urls: list[str], *, batches: int, **stream: Any) -> float:
+    """Mean distinct labels in the first ``batches`` batches of the real loader (one process, no workers)."""
+    from kdprompt.data.shard_reader import make_loader
+
+    blank = torch.zeros(1)
+    loader = make_loader(urls, transform=lambda _: blank, rank=0, world_size=1, **stream)
+    counts: list[int] = []
+    for batch in loader:
+        counts.append(len(set(batch["label"].tolist())))
+        if len(counts) == batches:
+            break
+    return sum(counts) / max(1, len(counts))
+
+
+def bench_mixing(
+    workdir: Path,
+    *,
+    classes: int = 1000,
+    per_class: int = 50,
+    maxcount: int = 1000,
+    shuffle_buffer: int = 1000,
+    batch_size: int = 8,
+    batches: int = 2000,
+    interleave: int = 16,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Distinct classes per batch of a class-grouped split, before and after shuffled writing and interleaving.
+
+    Writes the split twice under ``workdir`` (in split order; in a seeded order) with ``maxcount``
+    samples per shard, and reads the first ``batches`` batches of each through
+    :func:`~kdprompt.data.shard_reader.make_loader`. The i.i.d. figure chunks a uniform permutation of
+    the labels (what PromptKD's loader, reshuffling the whole split each epoch, would give).
+    """
+    import random
+
+    from kdprompt.data.shard_writer import write_shards
+
+    split = _class_grouped_split(classes, per_class)
+    urls = {}
+    for name, order_seed in (("split-order", None), ("shuffled", seed)):
+        out = Path(workdir) / name
+        sizes = write_shards(
+            split, out, image_format="png", maxcount=maxcount, overwrite=True, shuffle_seed=order_seed
+        )
+        urls[name] = [str(out / shard) for shard in sorted(sizes)]
+    stream = {"batch_size": batch_size, "shuffle_buffer": shuffle_buffer, "seed": seed, "batches": batches}
+    labels = [s.label for s in split.samples]
+    random.Random(seed).shuffle(labels)
+    chunks = [labels[i : i + batch_size] for i in range(0, batch_size * batches, batch_size)]
+    return {
+        "classes": classes,
+        "samples": len(split),
+        "shards": len(urls["shuffled"]),
+        "maxcount": maxcount,
+        "shuffle_buffer": shuffle_buffer,
+        "batch_size": batch_size,
+        "batches": batches,
+        "distinct_classes_per_batch": {
+            "split order, one shard at a time (before)": _distinct_per_batch(
+                urls["split-order"], interleave=1, **stream
+            ),
+            f"split order, {interleave} shards interleaved": _distinct_per_batch(
+                urls["split-order"], interleave=interleave, **stream
+            ),
+            f"shuffled write, {interleave} shards interleaved (after)": _distinct_per_batch(
+                urls["shuffled"], interleave=interleave, **stream
+            ),
+            "uniform shuffle (i.i.d.)": sum(len(set(c)) for c in chunks if c) / max(1, len(chunks)),
+        },
+    }

@@ -1,4 +1,5 @@
-"""``kdprompt bench``: benchmarks that print figures (distill step, bundle vs teacher, the HTTP server)."""
+"""``kdprompt bench``: benchmarks that print figures (distill step, bundle vs teacher, the HTTP server,
+class mixing of streamed batches)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from kdprompt.cli.options import (
 
 @click.group(context_settings=CONTEXT_SETTINGS)
 def bench() -> None:
-    """Benchmarks that print figures (images/s), for the notes of a change."""
+    """Benchmarks that print figures (images/s, classes per batch), for the notes of a change."""
 
 
 @bench.command("distill", context_settings=CONTEXT_SETTINGS)
@@ -36,6 +37,45 @@ def bench_distill_command(recipe: str, overrides: tuple[str, ...], steps: int) -
     from kdprompt.config.loading import load_recipe
 
     figures = bench_distill(load_recipe(DistillRecipe, recipe, overrides), steps=steps)
+    click.echo(json.dumps(figures, indent=2))
+
+
+@bench.command("mixing", context_settings=CONTEXT_SETTINGS)
+@click.option(
+    "--classes", type=click.IntRange(1), default=1000, show_default=True, help="Classes of the split."
+)
+@click.option("--per-class", type=click.IntRange(1), default=50, show_default=True, help="Samples per class.")
+@click.option(
+    "--maxcount", type=click.IntRange(1), default=1000, show_default=True, help="Samples per shard."
+)
+@click.option(
+    "--shuffle-buffer", type=click.IntRange(0), default=1000, show_default=True, help="Loader buffer."
+)
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True, help="Samples per batch.")
+@click.option("--batches", type=click.IntRange(1), default=1000, show_default=True, help="Batches counted.")
+@click.option(
+    "--interleave", type=click.IntRange(1), default=16, show_default=True, help="Shards read at once (after)."
+)
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where the shards go (default: a temporary folder, removed afterwards).",
+)
+@user_errors
+def bench_mixing_command(workdir: Path | None, **settings: int) -> None:
+    """Distinct classes per batch of a class-grouped split: split-order shards vs shuffled and interleaved.
+
+    Writes a split listed class by class (as CoOp's are; tiny images, only labels matter) as shards in
+    split order and in a seeded order, streams batches through the training loader, and prints the
+    mean number of distinct classes per batch for each, next to a uniform shuffle's.
+    """
+    import tempfile
+
+    from kdprompt.apps.bench import bench_mixing
+
+    with tempfile.TemporaryDirectory(prefix="kdprompt-mixing-") as tmp:
+        figures = bench_mixing(workdir or Path(tmp), **settings)
     click.echo(json.dumps(figures, indent=2))
 
 

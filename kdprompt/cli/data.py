@@ -31,6 +31,14 @@ from kdprompt.cli.options import CONTEXT_SETTINGS, SourcesHelpCommand, user_erro
 )
 @click.option("--maxcount", type=int, default=1000, show_default=True, help="Samples per shard.")
 @click.option("--overwrite", is_flag=True, help="Replace existing shards of the same split in OUT.")
+@click.option(
+    "--shuffle/--no-shuffle",
+    default=True,
+    show_default=True,
+    help="Write samples in a seeded random order, so a split listed class by class streams as mixed "
+    "batches; --no-shuffle keeps the split's order.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the --shuffle order.")
 @user_errors
 def shards(
     src: str,
@@ -40,6 +48,8 @@ def shards(
     image_format: str,
     maxcount: int,
     overwrite: bool,
+    shuffle: bool,
+    seed: int,
 ) -> None:
     """Write a data source's split(s) as webdataset shards plus sizes.json and classnames.json.
 
@@ -68,6 +78,7 @@ def shards(
             maxcount=maxcount,
             overwrite=overwrite,
             progress=True,
+            shuffle_seed=seed if shuffle else None,
         )
         click.echo(f"{split}: {sum(sizes.values())} samples in {len(sizes)} shard(s) under {out}")
 

@@ -9,6 +9,8 @@ import click
 from kdprompt.cli.options import CONTEXT_SETTINGS, SourcesHelpCommand, resolve_device, user_errors
 
 DEFAULT_OUT = Path("runs/eval")
+# kdprompt.models.templates.TEMPLATE_SET_NAMES, spelled out so that `--help` does not import torch.
+TEMPLATE_CHOICES = ("simple", "ensemble", "promptsrc", "coop")
 
 
 @click.command("eval", cls=SourcesHelpCommand, context_settings=CONTEXT_SETTINGS)
@@ -60,10 +62,11 @@ DEFAULT_OUT = Path("runs/eval")
 )
 @click.option(
     "--templates",
-    type=click.Choice(["simple", "ensemble"]),
+    type=click.Choice(TEMPLATE_CHOICES),
     default="simple",
     show_default=True,
-    help="Zero-shot prompts: 'a photo of a {}.' or the 80 OpenAI ImageNet templates averaged.",
+    help="Zero-shot prompts: 'a photo of a {}.', open_clip's 80 ImageNet templates, PromptSRC's 60, "
+    "or CoOp's template of the --data dataset (coop data only).",
 )
 @click.option(
     "--out",

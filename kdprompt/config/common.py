@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from kdprompt.config.base import StrictModel
 from kdprompt.data.sources import DataConfig
+from kdprompt.errors import KdpromptError
+from kdprompt.models.templates import TemplateSetName, template_set
+
+TEMPLATES_HELP = (
+    "simple: \"a photo of a {}.\"; ensemble: open_clip's 80 ImageNet templates; promptsrc: PromptSRC's 60 "
+    "(raw features averaged); coop: CoOp's per-dataset template (trainers/zsclip.py CUSTOM_TEMPLATES, coop data only)"
+)
+
+
+def check_templates_fit(name: str, info: ValidationInfo) -> str:
+    """Field validator body: the template set ``name`` must work with the model's ``data`` (``coop`` needs coop data)."""
+    data: Any = info.data.get("data")
+    if data is not None:  # data that failed its own validation is reported on its own
+        try:
+            template_set(name, data)
+        except KdpromptError as exc:
+            raise ValueError(str(exc)) from None
+    return name
 
 
 class LoopConfig(StrictModel):
@@ -31,6 +49,11 @@ class StreamConfig(LoopConfig):
     """A loop that streams webdataset shards (pretrain, distill)."""
 
     shuffle_buffer: int = Field(default=1000, ge=0)
+    shard_interleave: int = Field(
+        default=16,
+        ge=1,
+        description="shards each data worker reads at once, round-robin, before the shuffle buffer (mixes classes)",
+    )
     resampled: bool = Field(default=False, description="sample shards with replacement (infinite stream)")
 
 
@@ -47,10 +70,17 @@ class ZeroShotEval(StrictModel):
     name: str
     data: DataConfig
     split: Literal["train", "val", "test"] = "test"
-    templates: Literal["simple", "ensemble"] = Field(
-        default="simple", description='simple: "a photo of a {}."; ensemble: open_clip\'s ImageNet templates'
-    )
+    templates: TemplateSetName = Field(default="simple", description=TEMPLATES_HELP)
     classes: Literal["all", "base", "novel"] = "all"
+
+    _templates_fit = field_validator("templates")(check_templates_fit)
 
 
 Resume = Literal["auto", "never"]
+
+LrSchedule = Literal["cosine_per_step", "dassl"]
+LR_SCHEDULE_HELP = (
+    "cosine_per_step: constant warm-up, then cosine to 0 updated every step; dassl: the CoOp-family "
+    "references' (Dassl): constant warm-up epochs, then CosineAnnealingLR(T_max=epochs) stepped once per "
+    "epoch, so each epoch has one lr and the last is above 0"
+)

@@ -8,7 +8,8 @@ from typing import Literal
 from pydantic import Field
 
 from kdprompt.config.base import StrictModel
-from kdprompt.config.common import CheckpointConfig, Resume, StreamConfig
+from kdprompt.config.common import LR_SCHEDULE_HELP, CheckpointConfig, LrSchedule, Resume, StreamConfig
+from kdprompt.data.augment import AugmentationConfig
 from kdprompt.data.sources import DataConfig
 from kdprompt.models.student import StudentConfig
 from kdprompt.objectives import ObjectivesConfig
@@ -25,6 +26,7 @@ class DistillTrainConfig(StreamConfig):
     weight_decay: float = Field(default=5e-4, ge=0)
     warmup_epochs: int = Field(default=1, ge=0)
     warmup_lr: float = Field(default=1e-5, gt=0)
+    lr_schedule: LrSchedule = Field(default="cosine_per_step", description=LR_SCHEDULE_HELP)
 
 
 class DistillRecipe(StrictModel):
@@ -49,9 +51,20 @@ class DistillRecipe(StrictModel):
     objectives: ObjectivesConfig = Field(
         description="registered objective name -> its settings (weight, ...); the loss is their weighted sum"
     )
+    augmentation: AugmentationConfig = Field(
+        default_factory=AugmentationConfig,
+        description="training-image augmentation (preset + overrides); the teacher sees the same augmented view",
+    )
     train: DistillTrainConfig = DistillTrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     resume: Resume | Path = "auto"
+    selection: Literal["last", "val"] = Field(
+        default="last",
+        description=(
+            "last: the student of the final epoch; val: the epoch best on the teacher's few-shot val split "
+            "(the base classes it trained on; never test; PromptKD itself selects on the base test split)"
+        ),
+    )
     evaluate: bool = Field(
         default=True, description="report base/novel/HM on the teacher's test split at the end"
     )

@@ -8,8 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-# Fields that do not change what a run computes: where it writes, how it logs, how it is scheduled.
-_NON_SEMANTIC = {
+# Recipe fields that do not change what a run computes: where it writes, how it logs, how it is scheduled.
+_NON_SEMANTIC_TOP = {
     "name",
     "description",
     "output_dir",
@@ -20,18 +20,17 @@ _NON_SEMANTIC = {
     "cache_dir",
     "shards_dir",
     "checkpoint",
-    "stop_after_steps",
-    "log_every",
-    "num_workers",
 }
+# ... and the same inside the ``train`` section. Only these two levels: a nested ``name`` (the model's,
+# the prompt method's) is what the run computes with.
+_NON_SEMANTIC_TRAIN = {"stop_after_steps", "log_every", "num_workers"}
 
 
-def _semantic(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {k: _semantic(v) for k, v in node.items() if k not in _NON_SEMANTIC}
-    if isinstance(node, list):
-        return [_semantic(v) for v in node]
-    return node
+def _semantic(data: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in data.items() if k not in _NON_SEMANTIC_TOP}
+    if isinstance(out.get("train"), dict):
+        out["train"] = {k: v for k, v in out["train"].items() if k not in _NON_SEMANTIC_TRAIN}
+    return out
 
 
 def recipe_fingerprint(recipe: BaseModel) -> str:
@@ -44,5 +43,5 @@ def recipe_fingerprint(recipe: BaseModel) -> str:
     data = _semantic(recipe.model_dump(mode="json"))
     source = getattr(recipe, "data", None)
     if hasattr(source, "identity"):
-        data["data"] = _semantic(source.identity())
+        data["data"] = source.identity()
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -5,13 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from kdprompt.config.base import StrictModel
-from kdprompt.config.common import CheckpointConfig, LoopConfig, Resume
+from kdprompt.config.common import (
+    LR_SCHEDULE_HELP,
+    TEMPLATES_HELP,
+    CheckpointConfig,
+    LoopConfig,
+    LrSchedule,
+    Resume,
+    check_templates_fit,
+)
+from kdprompt.data.augment import AugmentationConfig
 from kdprompt.data.sources import DataConfig
 from kdprompt.models.prompt_methods import MethodConfig, PromptSRCConfig
 from kdprompt.models.spec import ModelSpec
+from kdprompt.models.templates import TemplateSetName
 
 
 class FewShotConfig(StrictModel):
@@ -33,6 +43,7 @@ class TeacherTrainConfig(LoopConfig):
     weight_decay: float = Field(default=5e-4, ge=0)
     warmup_epochs: int = Field(default=1, ge=0, description="epochs at the constant warm-up lr")
     warmup_lr: float = Field(default=1e-5, gt=0)
+    lr_schedule: LrSchedule = Field(default="cosine_per_step", description=LR_SCHEDULE_HELP)
 
 
 class TeacherRecipe(StrictModel):
@@ -49,6 +60,9 @@ class TeacherRecipe(StrictModel):
     method: MethodConfig = Field(
         default_factory=PromptSRCConfig, description="the prompt method (`name`) and its settings"
     )
+    augmentation: AugmentationConfig = Field(
+        default_factory=AugmentationConfig, description="training-image augmentation (preset + overrides)"
+    )
     train: TeacherTrainConfig = TeacherTrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     resume: Resume | Path = "auto"
@@ -60,3 +74,8 @@ class TeacherRecipe(StrictModel):
         default=None, description="where the text-feature cache goes (default cache/<name>)"
     )
     evaluate: bool = Field(default=True, description="report base/novel/HM on the test split at the end")
+    zero_shot_templates: TemplateSetName = Field(
+        default="simple", description=f"prompts of the zero-shot CLIP row of that report; {TEMPLATES_HELP}"
+    )
+
+    _zero_shot_templates_fit = field_validator("zero_shot_templates")(check_templates_fit)

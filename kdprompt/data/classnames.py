@@ -1,6 +1,7 @@
-"""Class-name lists: reading them from a file, checking them, and naming a few of them in messages.
+"""Class-name lists: reading them from a file, checking them, naming a few of them in messages, and
+the text form of a class name in prompts and labels.
 
-Kept free of heavy imports: both the data sources and the text-feature cache read class lists.
+Kept free of heavy imports: the data sources, the text-feature cache and deployed bundles read class lists.
 """
 
 from __future__ import annotations
@@ -8,10 +9,27 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Literal
 
 from kdprompt.errors import KdpromptError
 
 SHOW_NAMES = 5  # how many names an error message lists
+
+ClassnameForm = Literal["spaces", "verbatim"]
+"""``spaces``: underscores become spaces (every reference); ``verbatim``: the name as given (teachers saved
+before kdprompt recorded a form were trained and cached that way)."""
+CLASSNAME_FORM: ClassnameForm = "spaces"
+
+
+def prompt_classname(name: str, form: ClassnameForm = CLASSNAME_FORM) -> str:
+    """The text of class ``name`` inside a prompt, and its readable label.
+
+    Class names stay as given everywhere they identify a class (splits, caches, their sha256); this is
+    the one place a name becomes text. Underscores become spaces, as every reference does before
+    tokenising (PromptSRC ``trainers/promptsrc.py``, PromptKD ``trainers/promptkd.py``, CoOp
+    ``trainers/zsclip.py``): open_clip's tokenizer would otherwise make ``_`` a token of its own.
+    """
+    return name.replace("_", " ") if form == "spaces" else name
 
 
 def listing(names: list[str]) -> str:

@@ -1,8 +1,13 @@
 """The CoOp evaluation protocol: K-shot sampling per class, and the base/novel class split.
 
-Few-shot: K images per class drawn with a seeded RNG (all of them when a class has fewer); the val
-split uses ``min(K, 4)`` shots. Base-to-novel: base = the first ``ceil(n / 2)`` labels, novel = the
-rest, each relabelled from 0.
+Few-shot: Dassl's ``DatasetBase.generate_fewshot_dataset`` (Dassl.pytorch
+``dassl/data/datasets/base_dataset.py``) reproduced draw for draw, so a seed picks the same images as
+CoOp / PromptSRC / PromptKD: labels are visited in order of first appearance in the split, each draws
+``random.sample(items, K)`` (``random.choices(items, k=K)``, with repeats, when a class has fewer),
+and one RNG seeded with the run's seed serves the train draw and then the val draw (``min(K, 4)``
+shots). The reference's dataset classes (e.g. CoOp ``datasets/oxford_pets.py``) draw over all classes
+*before* ``subsample_classes`` keeps the base half, which :func:`fewshot_protocol` follows.
+Base-to-novel: base = the first ``ceil(n / 2)`` labels, novel = the rest, each relabelled from 0.
 """
 
 from __future__ import annotations
@@ -19,30 +24,65 @@ CLASS_SUBSETS: tuple[str, ...] = ("all", "base", "novel")
 MAX_VAL_SHOTS = 4
 
 
-def few_shot(samples: list[Sample], shots: int | None, seed: int) -> list[Sample]:
-    """Draw ``shots`` samples per label, CoOp's way.
+def few_shot(
+    samples: list[Sample], shots: int | None, seed: int | random.Random, *, repeat: bool = True
+) -> list[Sample]:
+    """Draw ``shots`` samples per label, as Dassl's ``generate_fewshot_dataset`` does.
 
     Args:
-        samples: the full split.
-        shots: samples per class; ``None`` or ``<= 0`` keeps every sample.
-        seed: seeds a private ``random.Random``, so equal seeds give equal subsets.
+        samples: the full split, in its file order (the order decides which label is visited first).
+        shots: samples per class; ``None`` or ``<= 0`` keeps every sample and draws nothing.
+        seed: an int seeds a fresh ``random.Random`` (the same stream as Dassl's
+            ``random.seed(seed)``); pass a ``random.Random`` to continue a stream (train, then val).
+        repeat: a class with fewer than ``shots`` samples draws ``shots`` of them with replacement
+            (Dassl's default, which CoOp keeps); ``False`` takes such a class whole.
 
     Returns:
-        The drawn samples sorted by (label, position in ``samples``); a class with fewer than
-        ``shots`` samples contributes all of them.
+        The drawn samples in Dassl's order: classes by first appearance, each in draw order.
     """
     if shots is None or shots <= 0:
         return list(samples)
-    by_label: dict[int, list[int]] = {}
-    for i, s in enumerate(samples):
-        by_label.setdefault(s.label, []).append(i)
+    rng = seed if isinstance(seed, random.Random) else random.Random(seed)
+    by_label: dict[int, list[Sample]] = {}  # a dict keeps first-appearance order, like Dassl's defaultdict
+    for s in samples:
+        by_label.setdefault(s.label, []).append(s)
+    out: list[Sample] = []
+    for items in by_label.values():
+        # random.sample/choices pick by position only, so Samples draw what Dassl's Datums draw.
+        if len(items) >= shots:
+            out.extend(rng.sample(items, shots))
+        elif repeat:
+            out.extend(rng.choices(items, k=shots))
+        else:
+            out.extend(items)
+    return out
+
+
+def few_shot_train_val(
+    train: list[Sample], val: list[Sample] | None, shots: int | None, seed: int
+) -> tuple[list[Sample], list[Sample] | None]:
+    """The train draw, then the val draw (``min(shots, 4)`` shots) from one RNG seeded with ``seed``.
+
+    Dassl's dataset classes seed Python's global ``random`` once (``set_random_seed(cfg.SEED)`` in
+    CoOp's ``train.py``) and call ``generate_fewshot_dataset`` on train, then on val: the val draw
+    depends on the train draw, never the other way round. ``val=None`` skips it.
+    """
     rng = random.Random(seed)
-    keep: list[int] = []
-    for label in sorted(by_label):
-        idx = by_label[label]
-        # CoOp samples when a class has >= K items (so a class of exactly K still advances the RNG).
-        keep.extend(sorted(rng.sample(idx, shots)) if len(idx) >= shots else idx)
-    return [samples[i] for i in keep]
+    drawn = few_shot(train, shots, rng)
+    return drawn, None if val is None else few_shot(val, val_shots(shots) or None, rng)
+
+
+def fewshot_protocol(
+    train: Split, val: Split | None, shots: int | None, classes: ClassSubset, seed: int
+) -> tuple[Split, Split | None]:
+    """CoOp's labelled data: the K-shot draw over all classes, then the ``classes`` half of it.
+
+    Returns new splits (``train`` and ``val`` are not modified); ``val`` stays None when None.
+    """
+    drawn, drawn_val = few_shot_train_val(train.samples, None if val is None else val.samples, shots, seed)
+    out = subsample_classes(replace(train, samples=drawn), classes)
+    out_val = None if val is None else subsample_classes(replace(val, samples=drawn_val), classes)
+    return out, out_val
 
 
 def val_shots(shots: int | None) -> int:
@@ -100,6 +140,8 @@ __all__ = [
     "base_novel_labels",
     "class_subset_labels",
     "few_shot",
+    "few_shot_train_val",
+    "fewshot_protocol",
     "subsample_classes",
     "val_shots",
 ]

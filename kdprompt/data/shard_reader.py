@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import random
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 
@@ -43,6 +44,25 @@ def _dist_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
     return rank, world_size
+
+
+def round_robin(streams: Iterator[Iterator[dict]], width: int) -> Iterator[dict]:
+    """One sample from each of ``width`` open streams in turn; a finished one is replaced by the next.
+
+    Shards written in split order hold a few classes each; reading several at once, before the shuffle
+    buffer, mixes them. Deterministic: the order depends only on the streams and ``width``.
+    """
+    active: deque[Iterator[dict]] = deque(islice(streams, max(1, width)))
+    while active:
+        stream = active.popleft()
+        sample = next(stream, None)
+        if sample is None:
+            follower = next(streams, None)
+            if follower is not None:
+                active.append(follower)
+            continue
+        yield sample
+        active.append(stream)
 
 
 def skip_unreadable_shard(exn: Exception) -> bool:
@@ -83,6 +103,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
         batch_size: int,
         transform: Callable[[Image.Image], torch.Tensor],
         shuffle_buffer: int,
+        interleave: int,
         seed: int,
         epoch: int,
         resampled: bool,
@@ -96,6 +117,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
         self.batch_size = batch_size
         self.transform = transform
         self.shuffle_buffer = shuffle_buffer
+        self.interleave = interleave
         self.seed = seed
         self.epoch = epoch
         self.resampled = resampled
@@ -119,40 +141,46 @@ class _ShardStream(torch.utils.data.IterableDataset):
     ) -> Iterator[dict]:
         """Undecoded samples: one pass, repeated passes (batches_per_epoch), or resampled shards.
 
-        ``mix`` shuffles a stream of samples. It is applied to each pass on its own, so the shuffle
-        buffer never pulls a later pass's shards into this one: within a pass, ranks stay disjoint.
+        ``interleave`` shards are read at once, round-robin; ``mix`` then shuffles the stream. Both
+        apply to each pass on its own, so no later pass's shards are pulled into this one: within a pass,
+        ranks stay disjoint.
         """
 
         def read(urls: Iterable[str]) -> Iterator[dict]:
             return wds.tarfile_samples(({"url": u} for u in urls), handler=skip_unreadable_shard)
+
+        def interleaved(urls: Iterable[str]) -> Iterator[dict]:
+            return round_robin((read([u]) for u in urls), self.interleave)
 
         where = f"rank {self.rank} worker {worker}"
         if self.resampled:
             # Per-rank (and per-worker) seed: ranks draw different shard sequences.
             rng = random.Random(f"resample:{self.seed}:{self.epoch}:{self.rank}:{worker}")
 
-            def resampled() -> Iterator[dict]:
-                tried: set[str] = set()
-                productive = False
-                while True:
-                    url = rng.choice(self.urls)
-                    for sample in read([url]):
-                        productive = True
-                        yield sample
-                    tried.add(url)
-                    if not productive and len(tried) == len(self.urls):
-                        raise KdpromptError(
-                            f"{where}: no readable samples in any of {len(self.urls)} shard(s)"
-                        )
+            tried: set[str] = set()
+            productive = False
 
-            yield from mix(resampled())
+            def shard(url: str) -> Iterator[dict]:
+                nonlocal productive
+                for sample in read([url]):
+                    productive = True
+                    yield sample
+                tried.add(url)
+                if not productive and len(tried) == len(self.urls):
+                    raise KdpromptError(f"{where}: no readable samples in any of {len(self.urls)} shard(s)")
+
+            def draws() -> Iterator[Iterator[dict]]:
+                while True:
+                    yield shard(rng.choice(self.urls))
+
+            yield from mix(round_robin(draws(), self.interleave))
             return
         repeat = self.batches_per_epoch is not None
         pass_index = 0
         while True:
             urls = self._pass_urls(pass_index, worker, num_workers)
             count = 0
-            for sample in mix(read(urls)):
+            for sample in mix(interleaved(urls)):
                 count += 1
                 yield sample
             if not repeat:
@@ -265,6 +293,7 @@ def make_loader(
     batch_size: int,
     transform: Callable[[Image.Image], torch.Tensor],
     shuffle_buffer: int = 1000,
+    interleave: int = 16,
     seed: int = 0,
     epoch: int = 0,
     resampled: bool = False,
@@ -290,6 +319,8 @@ def make_loader(
         batch_size: samples per batch (per rank).
         transform: PIL RGB image -> (3,H,W) tensor.
         shuffle_buffer: sample shuffle buffer size (<= 1 disables sample shuffling).
+        interleave: shards each worker reads at once, round-robin, ahead of the shuffle buffer (1: one
+            after the other); mixes the classes of shards written in split order.
         seed: base seed of shard and sample shuffling.
         epoch: epoch mixed into the seeds (see also :meth:`ShardLoader.set_epoch`).
         resampled: draw shards with replacement forever (per-rank seed) instead of splitting them;
@@ -311,6 +342,8 @@ def make_loader(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if batches_per_epoch is not None and batches_per_epoch < 1:
         raise ValueError(f"batches_per_epoch must be >= 1, got {batches_per_epoch}")
+    if interleave < 1:
+        raise ValueError(f"interleave must be >= 1, got {interleave}")
     url_list = expand_urls(urls)
     rank, world_size = _dist_info(rank, world_size)
     readers = world_size * max(1, num_workers)
@@ -326,6 +359,7 @@ def make_loader(
         batch_size=batch_size,
         transform=transform,
         shuffle_buffer=shuffle_buffer,
+        interleave=interleave,
         seed=seed,
         epoch=epoch,
         resampled=resampled,
@@ -342,5 +376,6 @@ __all__ = [
     "batches_per_epoch_for",
     "decode_sample",
     "make_loader",
+    "round_robin",
     "skip_unreadable_shard",
 ]

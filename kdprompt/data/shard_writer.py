@@ -6,6 +6,7 @@ import glob
 import io
 import json
 import os
+import random
 import re
 import shutil
 import tempfile
@@ -79,6 +80,7 @@ def write_shards(
     quality: int = 95,
     overwrite: bool = False,
     progress: bool = False,
+    shuffle_seed: int | None = None,
 ) -> dict[str, int]:
     """Write ``split`` as ``{prefix}-{i:06d}.tar`` webdataset shards under ``out_dir``.
 
@@ -86,6 +88,10 @@ def write_shards(
     ``cls`` (label), ``txt`` (caption, when present) and ``json`` (key, label, classname, caption).
     Shards are written into a temporary folder and moved into place only when all succeeded;
     ``sizes.json`` (merged with other prefixes) and ``classnames.json`` are updated atomically.
+
+    CoOp's splits list their images class by class; written in that order, each shard holds a few
+    classes and a streaming reader's shuffle buffer cannot make batches i.i.d. ``shuffle_seed`` writes
+    the samples in a seeded random order instead, so every shard is a uniform sample of the split.
 
     Args:
         split: the samples to write.
@@ -96,6 +102,8 @@ def write_shards(
         quality: JPEG quality when re-encoding.
         overwrite: replace existing shards of the same prefix.
         progress: show a tqdm progress bar.
+        shuffle_seed: write the samples in the order of ``random.Random(shuffle_seed).shuffle``;
+            None keeps the split's order.
 
     Returns:
         ``{shard_file_name: n_samples}`` of the shards written.
@@ -139,6 +147,10 @@ def write_shards(
             )
 
     samples: Iterable[Sample] = split.samples
+    if shuffle_seed is not None:
+        order = list(range(len(split)))
+        random.Random(shuffle_seed).shuffle(order)
+        samples = [split.samples[i] for i in order]
     if progress:
         from tqdm import tqdm
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from kdprompt.data.classnames import prompt_classname
 from kdprompt.deploy.export import (
     CACHE_DIR,
     CONFIG_FILE,
@@ -35,7 +36,8 @@ class Prediction:
     """The top-k classes of one image.
 
     Attributes:
-        labels: class names, most probable first.
+        labels: readable class labels (:attr:`Bundle.labels`), most probable first; ``indices`` name
+            the classes exactly.
         probs: their probabilities (softmax over all the bundle's classes).
         indices: their class indices.
         source: the image's name (its path, or ``image[i]``).
@@ -168,8 +170,13 @@ class Bundle:
 
     @property
     def classnames(self) -> list[str]:
-        """The class names, in index order."""
+        """The class names, in index order, as the cache identifies them."""
         return list(self.cache.classnames)
+
+    @property
+    def labels(self) -> list[str]:
+        """The readable class labels, in index order: the class names as prompts spell them."""
+        return [prompt_classname(name) for name in self.cache.classnames]
 
     @property
     def logit_scale(self) -> float:
@@ -253,7 +260,7 @@ class Bundle:
         feats = F.normalize(self.encode_images(batch).to(self._text.device), dim=-1)
         probs = (self.logit_scale * feats @ self._text.T).softmax(dim=-1)
         top = probs.topk(min(k, probs.shape[1]), dim=-1)
-        names = self.cache.classnames
+        names = self.labels
         out = []
         for i in range(batch.shape[0]):
             idx = top.indices[i].tolist()

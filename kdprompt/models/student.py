@@ -219,9 +219,16 @@ class StudentClassifier:
 
 
 def save_student(
-    run_dir: Any, student: Student, *, recipe: Any, teacher: Any, cache: Any, cache_path: Any
+    run_dir: Any,
+    student: Student,
+    *,
+    recipe: Any,
+    teacher: Any,
+    cache: Any,
+    cache_path: Any,
+    extra: dict[str, Any] | None = None,
 ) -> None:
-    """Write ``student.safetensors`` (the whole student) then ``student.json`` atomically."""
+    """Write ``student.safetensors`` (the whole student) then ``student.json`` (plus ``extra``) atomically."""
 
     run_dir = Path(run_dir)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in student.state_dict().items()}
@@ -247,6 +254,7 @@ def save_student(
             },
             "image_tower_parameters": student.image_tower_parameters(),
             "objectives": {name: cfg.model_dump(mode="json") for name, cfg in recipe.objectives.items()},
+            **(extra or {}),
         },
     )
 

@@ -1,9 +1,13 @@
 """The prompt-learned teacher: a frozen open_clip CLIP plus a prompt learner, and its on-disk artefact.
 
 Artefact ``runs/<name>/teacher/``: ``prompts.safetensors`` (only the learned tensors) and
-``teacher.json`` (base model spec, method and hyper-parameters, class names, data, fingerprint).
+``teacher.json`` (base model spec, method and hyper-parameters, class names, data, fingerprint, and the
+text of its class prompts: ``prompt_template`` and ``classname_form``).
 The fingerprint is the sha256 of the prompts file plus the base model's identity, so anything built
-from a teacher (a text-feature cache, a student) can tell whether it still matches.
+from a teacher (a text-feature cache, a student) can tell whether it still matches. The fingerprint
+does not cover the prompt text: a teacher.json without ``classname_form`` (saved before kdprompt
+recorded it) keeps class names verbatim, as it was trained and cached, and every cache records the
+exact prompts it encoded.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +23,7 @@ from pydantic import TypeAdapter, ValidationError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from kdprompt.data.classnames import CLASSNAME_FORM, ClassnameForm, prompt_classname
 from kdprompt.errors import KdpromptError
 from kdprompt.io import atomic_write, file_sha256, write_json_atomic
 from kdprompt.models.loading import LoadedClip, create_clip
@@ -54,9 +59,16 @@ class PromptedClip(nn.Module):
     ``transform`` and ``name``.
     """
 
-    def __init__(self, clip: LoadedClip, method_cfg: Any, name: str = "teacher") -> None:
+    def __init__(
+        self,
+        clip: LoadedClip,
+        method_cfg: Any,
+        name: str = "teacher",
+        classname_form: ClassnameForm = CLASSNAME_FORM,
+    ) -> None:
         super().__init__()
         self.name = name
+        self.classname_form = classname_form
         self.spec = clip.spec
         self.method_cfg = method_cfg
         self.clip_model = clip.model
@@ -87,11 +99,21 @@ class PromptedClip(nn.Module):
         """The frozen CLIP's (exponentiated) logit scale."""
         return self.clip_model.logit_scale.exp()
 
+    @property
+    def prompt_template(self) -> str:
+        """The text of every class prompt, ``{}`` marking the class name: "{context} {}."."""
+        # PromptSRC / MaPLe / PromptKD trainers: prompt_prefix + " " + name + "."
+        return f"{self.learner.prefix} {{}}."
+
+    def class_prompts(self, classnames: list[str]) -> list[str]:
+        """The exact text the text tower reads for each class (context placeholders included)."""
+        return [f"{self.learner.prefix} {prompt_classname(c, self.classname_form)}." for c in classnames]
+
     def class_tokens(self, classnames: list[str]) -> Tensor:
-        """Token ids of "{context} {class}." for each class (cached per class list)."""
+        """Token ids of :meth:`class_prompts` (cached per class list)."""
         key = tuple(classnames)
         if key not in self._tokens:
-            self._tokens[key] = self.tokenizer([f"{self.learner.prefix} {c}." for c in classnames])
+            self._tokens[key] = self.tokenizer(self.class_prompts(classnames))
         return self._tokens[key].to(self.device)
 
     def text_features(self, tokens: Tensor) -> Tensor:
@@ -152,6 +174,8 @@ def save_teacher(
             "model": identity,
             "method": model.method_cfg.model_dump(mode="json"),
             "prefix": model.learner.prefix,
+            "prompt_template": model.prompt_template,
+            "classname_form": model.classname_form,
             "classnames": classnames,
             "all_classnames": all_classnames,
             **extra,
@@ -187,12 +211,24 @@ def load_teacher(path: Path, device: str | torch.device = "cpu") -> Teacher:
             f"teacher {path}: {PROMPTS_FILE} does not match teacher.json (fingerprint {fingerprint} != "
             f"{meta['fingerprint']}); the artefact was modified — retrain or restore it"
         )
+    form = meta.get("classname_form", "verbatim")
+    if form not in get_args(ClassnameForm):
+        raise KdpromptError(
+            f"teacher {path}: teacher.json has classname_form {form!r}; this kdprompt knows "
+            f"{', '.join(get_args(ClassnameForm))}"
+        )
     try:
         method_cfg = TypeAdapter(MethodConfig).validate_python(meta["method"])
         data_cfg = TypeAdapter(DataConfig).validate_python(meta["data"]) if meta.get("data") else None
     except ValidationError as exc:
         raise KdpromptError(f"teacher {path}: teacher.json is not valid for this kdprompt: {exc}") from None
-    teacher = Teacher(create_clip(spec, device=device), method_cfg, name=f"teacher {path.parent.name}")
+    teacher = Teacher(
+        create_clip(spec, device=device),
+        method_cfg,
+        name=f"teacher {path.parent.name}",
+        # Teachers saved before the form was recorded learned their prompts on the names as given.
+        classname_form=form,
+    )
     missing, unexpected = teacher.learner.load_state_dict(load_file(str(prompts)), strict=False)
     if missing or unexpected:
         raise KdpromptError(

@@ -81,9 +81,14 @@ def make_manifest(
     teacher_fingerprint: str,
     logit_scale: float,
     provenance: dict[str, Any] | None,
+    prompts: list[str] | None = None,
 ) -> dict[str, Any]:
-    """The manifest of the stored (normalised, storage-dtype) features ``stored``."""
-    return {
+    """The manifest of the stored (normalised, storage-dtype) features ``stored``.
+
+    ``prompts``, when given, are the exact texts encoded, one per class (optional: caches written before
+    kdprompt recorded them have none).
+    """
+    manifest = {
         "format_version": FORMAT_VERSION,
         "kind": CACHE_KIND,
         "teacher_fingerprint": teacher_fingerprint,
@@ -97,6 +102,9 @@ def make_manifest(
         "created_by": __version__,
         "provenance": dict(provenance or {}),
     }
+    if prompts is not None:
+        manifest["prompts"] = list(prompts)
+    return manifest
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -133,12 +141,22 @@ def read_manifest(path: Path) -> dict[str, Any]:
         or not all(isinstance(manifest[k], int) for k in ("num_classes", "embed_dim"))
         or not isinstance(manifest["logit_scale"], (int, float))
         or manifest["dtype"] not in DTYPES
+        or not _prompts_fit(manifest.get("prompts"), names)
     ):
         raise KdpromptError(
-            f"{file} has malformed fields (classnames, sizes, logit_scale or dtype); "
+            f"{file} has malformed fields (classnames, prompts, sizes, logit_scale or dtype); "
             f"{rebuild_hint(path, manifest)}"
         )
     return manifest
+
+
+def _prompts_fit(prompts: Any, names: list[str]) -> bool:
+    """Absent (an older cache), or one string per class name."""
+    if prompts is None:
+        return True
+    return (
+        isinstance(prompts, list) and len(prompts) == len(names) and all(isinstance(p, str) for p in prompts)
+    )
 
 
 def check_features(

@@ -6,7 +6,8 @@ A cache is a directory::
                                 carries the manifest as a JSON string under "manifest"
     index.faiss                 faiss.IndexFlatIP over the float32 features (exact cosine search)
     manifest.json               format version, teacher fingerprint, class names and their sha256,
-                                embed dim, logit scale, dtype, features sha256, provenance
+                                embed dim, logit scale, dtype, features sha256, provenance, and
+                                (optional) the exact prompt text encoded for each class
 
 Loading needs only torch, safetensors, faiss and json: no teacher, no model code. A cache built for a
 different teacher or class list, or edited after it was built, is refused with a message that says
@@ -164,6 +165,8 @@ class TextCache:
         features = self.features[rows].clone()
         manifest = dict(self.manifest)
         stored = features.to(DTYPES[manifest["dtype"]])
+        if "prompts" in manifest:
+            manifest["prompts"] = [manifest["prompts"][position[n]] for n in names]
         manifest.update(
             classnames=names,
             classnames_sha256=classnames_sha256(names),
@@ -196,6 +199,7 @@ def build_cache(
     logit_scale: float,
     provenance: dict[str, Any] | None = None,
     dtype: torch.dtype = torch.float32,
+    prompts: list[str] | None = None,
 ) -> TextCache:
     """Normalise and write a text-feature cache directory atomically.
 
@@ -211,6 +215,7 @@ def build_cache(
         logit_scale: the teacher's logit scale, already exponentiated.
         provenance: free JSON-serialisable facts to record (teacher path, model spec, method, ...).
         dtype: storage dtype of the features file (float32, float16 or bfloat16).
+        prompts: the exact text encoded for each class, in row order (recorded in the manifest).
 
     Returns:
         The cache, as ``load_cache`` would return it.
@@ -234,6 +239,8 @@ def build_cache(
             "there must be one row per class"
         )
     check_names(names, "the class names")
+    if prompts is not None and len(prompts) != len(names):
+        raise KdpromptError(f"{len(prompts)} prompts were given for {len(names)} class names: one per class")
     if not isinstance(teacher_fingerprint, str) or not teacher_fingerprint:
         raise KdpromptError("a text-feature cache needs the teacher's fingerprint (a non-empty string)")
     if not math.isfinite(float(logit_scale)) or float(logit_scale) <= 0:
@@ -261,6 +268,7 @@ def build_cache(
         teacher_fingerprint=teacher_fingerprint,
         logit_scale=logit_scale,
         provenance=provenance,
+        prompts=None if prompts is None else list(prompts),
     )
     try:
         manifest_json = json.dumps(manifest, sort_keys=True, ensure_ascii=False)

@@ -22,6 +22,8 @@ def cache_class_features(
 ) -> TextCache:
     """Encode ``classnames`` with the prompted teacher ``model`` and write them as a cache at ``out_dir``.
 
+    The manifest records the exact prompt of each class (``prompts``).
+
     Args:
         model: the teacher (in eval mode), on any device.
         classnames: the classes to encode, in row order.
@@ -42,6 +44,9 @@ def cache_class_features(
         teacher_fingerprint=teacher_fingerprint if teacher_fingerprint is not None else model.fingerprint,
         logit_scale=float(model.logit_scale),
         provenance=provenance,
+        # The prompt text is not part of the teacher fingerprint: recording it makes a cache whose
+        # prompts differ from what the teacher now writes (e.g. another class-name form) visible.
+        prompts=model.class_prompts(classnames),
     )
 
 

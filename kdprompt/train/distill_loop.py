@@ -22,7 +22,8 @@ from kdprompt.io import write_json_atomic, write_text_atomic
 from kdprompt.train.checkpoint import Checkpoint
 from kdprompt.train.metrics import plot_curves
 from kdprompt.train.run import Run, StreamStage, run_stage
-from kdprompt.train.runtime import cosine_lr
+from kdprompt.train.runtime import scheduled_lr
+from kdprompt.train.selection import BestOnVal, teacher_val_split, val_accuracy, without_best
 
 
 def run_dir_of(recipe: DistillRecipe) -> Path:
@@ -95,11 +96,15 @@ class DistillStage(StreamStage):
     def __init__(self, recipe: DistillRecipe, recompute_text: bool = False) -> None:
         super().__init__(recipe)
         self.recompute_text = recompute_text
+        # selection: val validates at every epoch end, which the scaffold only calls with epoch checkpoints.
+        self.epoch_checkpoints = recipe.selection == "val"  # type: ignore[misc]
+        self.best = BestOnVal()
 
     def run_dir(self) -> Path:
         return run_dir_of(self.recipe)
 
     def setup(self, run: Run) -> None:
+        from kdprompt.data.augment import train_transform
         from kdprompt.models.loading import create_clip
         from kdprompt.models.student import Student
         from kdprompt.models.teacher import load_teacher
@@ -111,11 +116,16 @@ class DistillStage(StreamStage):
         teacher.requires_grad_(False)
         teacher.eval().to(run.device)
         self.cache = load_cache(cache_of(recipe), expect_fingerprint=teacher.fingerprint, load_index=False)
+        self.val = teacher_val_split(teacher) if recipe.selection == "val" else None
         self.text = self.cache.features.to(run.device)
         self.logit_scale = torch.tensor(self.cache.logit_scale, device=run.device)
         student = Student(create_clip(recipe.student.model), recipe.student, out_dim=self.cache.embed_dim)
         self.model = DistillModule(student, DistillObjectives(recipe.objectives))
-        self.to_teacher = view_converter(student.train_transform, teacher.train_transform)
+        # The student's augmented batch, converted, is the teacher's input: both see the same view
+        # (as in PromptKD's trainers/promptkd.py, where one batch feeds both models).
+        self.augment = train_transform(recipe.augmentation, student.visual.preprocess_cfg)
+        teacher_view = train_transform(recipe.augmentation, teacher.clip_model.visual.preprocess_cfg)
+        self.to_teacher = view_converter(self.augment, teacher_view)
         self.plan(run)
         params = [p for p in self.model.parameters() if p.requires_grad]
         if cfg.optimizer == "sgd":
@@ -130,21 +140,21 @@ class DistillStage(StreamStage):
         return hashlib.sha256(both.encode()).hexdigest()[:16]
 
     def restore(self, ckpt: Checkpoint) -> None:
-        self.model.load_state_dict(ckpt.weights, strict=False)
+        self.model.load_state_dict(without_best(ckpt.weights), strict=False)
+        self.best.restore(ckpt)
 
     def start(self, run: Run) -> None:
         super().start(run)
         self.core: DistillModule = run.accelerator.unwrap_model(self.model)
-        self.warmup_steps = self.recipe.train.warmup_epochs * run.per_epoch
 
     def transform(self) -> Any:
-        return self.core.student.train_transform
+        return self.augment
 
     def step(self, run: Run, batch: dict) -> dict[str, Tensor]:
         """Teacher image features (no gradients), class text features (cached), one student update."""
         cfg = self.recipe.train
         images = batch["image"].to(run.device, non_blocking=True)
-        lr = cosine_lr(run.step, run.total_steps, cfg.lr, self.warmup_steps, cfg.warmup_lr)
+        lr = scheduled_lr(cfg, run.step, run.per_epoch, run.total_steps)
         with run.accelerator.autocast():
             with torch.no_grad():
                 text = (
@@ -164,17 +174,46 @@ class DistillStage(StreamStage):
     def postfix(self, row: dict[str, Any]) -> dict[str, str]:
         return {"loss": f"{row['loss']:.4f}", "img_s": f"{row['images_per_s']:.0f}"}
 
+    def epoch_end(self, run: Run) -> None:
+        """``selection: val``: the student's top-1 on the teacher's few-shot val split; keep the best epoch."""
+        from kdprompt.models.student import StudentClassifier
+
+        if self.val is None:
+            return
+        self._sync_buffers(run)  # every rank then measures, and keeps, the same student
+        student = self.core.student
+        acc = val_accuracy(StudentClassifier(student, self.cache), self.val, run.device, student)
+        self.best.update(run, acc, student.trainable_state)
+
     def tensors(self) -> dict[str, Tensor]:
         state = {f"student.{k}": v for k, v in self.core.student.trainable_state().items()}
         state.update({f"objectives.{k}": v for k, v in self.core.objectives.state_dict().items()})
+        state.update(self.best.tensors())
         return state
 
-    def finish(self, run: Run) -> None:
+    def checkpoint_counters(self) -> dict[str, Any]:
+        return {**self.counters, **self.best.counters()} if self.val is not None else self.counters
+
+    def selected(self) -> str:
+        """Load the student the run ships (the best epoch on val, or the last) and say which."""
+        if self.val is None:
+            return "last"
+        if self.best.state is None:
+            return "last (selection: val, but no epoch ended)"
+        # The best state holds the trainable tensors only; the frozen rest is the same in every epoch.
+        self.core.student.load_state_dict(self.best.state, strict=False)
+        return self.best.describe()
+
+    def _sync_buffers(self, run: Run) -> None:
         if run.world > 1:
-            # DDP keeps parameters equal but each rank's last forward updated its own BatchNorm statistics:
-            # adopt rank 0's, so every rank ends with the same student.
+            # DDP keeps parameters equal but each rank's forwards update its own BatchNorm statistics:
+            # adopt rank 0's, so every rank holds the same student. Rank 0's own stream is unchanged.
             for buffer in self.core.buffers():
                 torch.distributed.broadcast(buffer, src=0)
+
+    def finish(self, run: Run) -> None:
+        self._sync_buffers(run)
+        self.selection = self.selected()
         # Provenance per rank: which shards it read, and a digest of its final weights.
         digest = hashlib.sha256()
         for key, value in sorted(self.tensors().items()):
@@ -201,8 +240,17 @@ def _finish(stage: DistillStage, run: Run) -> None:
         run.run_dir,
     )
     student.eval()
-    save_student(run_dir, student, recipe=recipe, teacher=teacher, cache=cache, cache_path=cache_of(recipe))
+    save_student(
+        run_dir,
+        student,
+        recipe=recipe,
+        teacher=teacher,
+        cache=cache,
+        cache_path=cache_of(recipe),
+        extra={"selection": stage.selection},
+    )
     results: dict[str, Any] = {
+        "selection": stage.selection,
         "steps": run.step,
         "world_size": run.world,
         "corrupt_samples": stage.counters["corrupt"],

@@ -18,7 +18,7 @@ from kdprompt.errors import KdpromptError
 from kdprompt.evaluate import zero_shot_accuracy
 from kdprompt.io import write_json_atomic
 from kdprompt.models.loading import create_clip, save_clip_weights
-from kdprompt.models.templates import TEMPLATE_SETS
+from kdprompt.models.templates import template_set
 from kdprompt.train.checkpoint import Checkpoint
 from kdprompt.train.metrics import plot_curves, read_jsonl
 from kdprompt.train.run import Run, StreamStage, run_stage
@@ -42,7 +42,12 @@ def evaluate_zero_shot(clip: Any, evals: list[ZeroShotEval], device: torch.devic
         if len(split) == 0:
             raise KdpromptError(f"eval {ev.name!r}: split {ev.split!r} of {ev.data.source} data is empty")
         results[ev.name] = zero_shot_accuracy(
-            clip.model, clip.tokenizer, clip.preprocess_val, split, TEMPLATE_SETS[ev.templates], device
+            clip.model,
+            clip.tokenizer,
+            clip.preprocess_val,
+            split,
+            template_set(ev.templates, ev.data),
+            device,
         )
     return results
 

@@ -49,6 +49,40 @@ def cosine_lr(
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * progress))
 
 
+def dassl_epoch_lr(
+    epoch: int, epochs: int, base_lr: float, warmup_epochs: int = 0, warmup_lr: float = 0.0
+) -> float:
+    """Learning rate of ``epoch`` (0-based) under Dassl's cosine schedule with a constant warm-up.
+
+    Dassl (``dassl/optim/lr_scheduler.py``) wraps ``CosineAnnealingLR(T_max=epochs)`` in a
+    ``ConstantWarmupScheduler``; with ``WARMUP_RECOUNT`` left at its default (True,
+    ``dassl/config/defaults.py``) the cosine starts counting only after the warm-up. The trainers step it
+    once, after an epoch's last batch (PromptKD ``trainers/promptkd.py``, PromptSRC
+    ``trainers/promptsrc.py``, MaPLe ``trainers/maple.py``: ``update_lr`` when
+    ``batch_idx + 1 == num_batches``). So the first ``warmup_epochs`` epochs run at ``warmup_lr``,
+    epoch ``e`` after them at ``base · (1 + cos(π (e - warmup_epochs) / epochs)) / 2``: the cosine's
+    period counts the warm-up epochs too, so it never reaches 0 (the last epoch of 5 with one warm-up
+    runs at 0.35 of base).
+    """
+    if epoch < warmup_epochs:
+        return warmup_lr
+    return 0.5 * base_lr * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / epochs))
+
+
+def scheduled_lr(cfg: Any, step: int, per_epoch: int, total_steps: int) -> float:
+    """Learning rate at ``step`` (0-based) under ``cfg.lr_schedule``.
+
+    ``cfg`` is a train config with ``lr``, ``warmup_epochs``, ``warmup_lr`` and ``lr_schedule``:
+    ``cosine_per_step`` is :func:`cosine_lr` over steps (warm-up ``warmup_epochs`` epochs of steps);
+    ``dassl`` is :func:`dassl_epoch_lr`, constant within an epoch, over the run's epochs (``epochs``, or
+    fewer when ``max_steps`` stops earlier).
+    """
+    if cfg.lr_schedule == "dassl":
+        epochs = math.ceil(total_steps / per_epoch)
+        return dassl_epoch_lr(step // per_epoch, epochs, cfg.lr, cfg.warmup_epochs, cfg.warmup_lr)
+    return cosine_lr(step, total_steps, cfg.lr, cfg.warmup_epochs * per_epoch, cfg.warmup_lr)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every parameter group's learning rate."""
     for group in optimizer.param_groups:
@@ -115,7 +149,8 @@ def stream_steps(
     state (``restored_rng``) so the next batch's augmentations match the interrupted run. The caller
     takes one optimiser step per batch; no batch is drawn after the last one.
 
-    ``cfg`` is a train config with ``batch_size``, ``shuffle_buffer``, ``resampled`` and ``num_workers``.
+    ``cfg`` is a train config with ``batch_size``, ``shuffle_buffer``, ``shard_interleave``, ``resampled`` and
+    ``num_workers``.
     """
     from kdprompt.data.shard_reader import make_loader
     from kdprompt.train.checkpoint import restore_rng_on_resume
@@ -127,6 +162,7 @@ def stream_steps(
             batch_size=cfg.batch_size,
             transform=transform,
             shuffle_buffer=cfg.shuffle_buffer,
+            interleave=cfg.shard_interleave,
             seed=seed,
             epoch=epoch,
             resampled=cfg.resampled,

@@ -13,12 +13,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from kdprompt.config.teacher import TeacherRecipe
+from kdprompt.data.augment import train_transform
 from kdprompt.data.dataset import SplitDataset
-from kdprompt.data.protocol import few_shot, subsample_classes, val_shots
+from kdprompt.data.protocol import fewshot_protocol
 from kdprompt.data.sources import load_split
 from kdprompt.data.types import Split
 from kdprompt.errors import KdpromptError
-from kdprompt.evaluate import accuracy, predict
 from kdprompt.io import write_json_atomic, write_text_atomic
 from kdprompt.models.loading import create_clip
 from kdprompt.models.prompt_methods import TeacherOutputs
@@ -26,7 +26,8 @@ from kdprompt.models.teacher import PromptedClip, save_teacher
 from kdprompt.train.checkpoint import Checkpoint, restore_rng_on_resume
 from kdprompt.train.metrics import plot_curves
 from kdprompt.train.run import Run, Stage, run_stage
-from kdprompt.train.runtime import ImageRate, cosine_lr
+from kdprompt.train.runtime import ImageRate, scheduled_lr
+from kdprompt.train.selection import BestOnVal, load_labelled_val, val_accuracy
 
 
 def run_dir_of(recipe: TeacherRecipe) -> Path:
@@ -40,24 +41,19 @@ def cache_dir_of(recipe: TeacherRecipe) -> Path:
 
 
 def fewshot_splits(recipe: TeacherRecipe) -> tuple[Split, Split | None, list[str]]:
-    """The few-shot training split, the optional validation split, and all class names of the data."""
+    """The few-shot training split, the optional validation split, and all class names of the data.
+
+    The draw is Dassl's (:func:`~kdprompt.data.protocol.fewshot_protocol`): over all classes, train
+    then val from one RNG, then the base half when ``fewshot.classes`` is base.
+    """
     train = load_split(recipe.data, "train")
     all_classnames = list(train.classnames)
-    if recipe.fewshot.classes == "base":
-        train = subsample_classes(train, "base")
-    train.samples = few_shot(train.samples, recipe.fewshot.shots, recipe.seed)
+    val = load_labelled_val(recipe.data) if recipe.selection == "val" else None
+    train, val = fewshot_protocol(train, val, recipe.fewshot.shots, recipe.fewshot.classes, recipe.seed)
     if not train.samples:
         raise KdpromptError(
             f"the train split of {recipe.data.source} data has no images of the chosen classes"
         )
-    val = None
-    if recipe.selection == "val":
-        val = load_split(recipe.data, "val")
-        if len(val) == 0:
-            raise KdpromptError("selection: val needs a non-empty val split; use selection: last")
-        if recipe.fewshot.classes == "base":
-            val = subsample_classes(val, "base")
-        val.samples = few_shot(val.samples, val_shots(recipe.fewshot.shots or 0) or None, recipe.seed)
     return train, val, all_classnames
 
 
@@ -74,15 +70,6 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, wor
 
 def _trainable_state(model: PromptedClip) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.learner.state_dict().items()}
-
-
-@torch.no_grad()
-def _val_accuracy(model: PromptedClip, split: Split, device: torch.device) -> float:
-    model.eval()
-    classifier = model.class_features(split.classnames)
-    preds, labels = predict(model.encode_images, classifier, split, model.transform, device)
-    model.train()
-    return accuracy(preds, labels)
 
 
 def _prefixed(weights: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -114,12 +101,12 @@ class TeacherStage(Stage):
         self.optimizer = torch.optim.SGD(
             self.model.learner.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
-        self.counters = {"best_val": -1.0, "best_epoch": -1}
-        self.best: dict[str, Tensor] | None = None
+        self.counters = {}
+        self.best = BestOnVal()
 
     def restore(self, ckpt: Checkpoint) -> None:
         self.model.learner.load_state_dict(_prefixed(ckpt.weights, "learner."))
-        self.best = _prefixed(ckpt.weights, "best.") or None
+        self.best.restore(ckpt)
         if self.aggregation is not None:
             self.aggregation.load(_prefixed(ckpt.weights, "gpa."), dict(ckpt.state["counters"]))
 
@@ -127,8 +114,8 @@ class TeacherStage(Stage):
         self.core: PromptedClip = run.accelerator.unwrap_model(self.model)
         self.class_tokens = self.core.class_tokens(self.classnames)
         self.core.learner.prepare_training(self.core, self.classnames)
-        self.dataset = SplitDataset(self.train, self.core.train_transform)
-        self.warmup_steps = self.recipe.train.warmup_epochs * run.per_epoch
+        augment = train_transform(self.recipe.augmentation, self.core.clip_model.visual.preprocess_cfg)
+        self.dataset = SplitDataset(self.train, augment)
         self.rate = ImageRate(run.world)
 
     def batches(self, run: Run, restored_rng: dict | None) -> Iterator[tuple[int, Any]]:
@@ -149,7 +136,7 @@ class TeacherStage(Stage):
     def step(self, run: Run, batch: Any) -> dict[str, Tensor]:
         cfg, core = self.recipe.train, self.core
         images, labels = batch[0].to(run.device), batch[1].to(run.device)
-        lr = cosine_lr(run.step, run.total_steps, cfg.lr, self.warmup_steps, cfg.warmup_lr)
+        lr = scheduled_lr(cfg, run.step, run.per_epoch, run.total_steps)
         with run.accelerator.autocast():
             image_f, text_f = self.model(images, self.class_tokens)
             scale = core.logit_scale
@@ -181,30 +168,28 @@ class TeacherStage(Stage):
         if self.aggregation is not None:
             self.aggregation.epoch_end(finished, self.core.learner.state_dict())
         if self.val is not None:
-            val_acc = _val_accuracy(self.core, self.val, run.device)
-            run.metrics.log({"val_acc": val_acc, "epoch": finished - 1}, run.step)
-            if val_acc > self.counters["best_val"]:
-                self.counters["best_val"], self.counters["best_epoch"] = val_acc, finished
-                self.best = _trainable_state(self.core)
+            acc = val_accuracy(self.core, self.val, run.device, self.core)
+            self.best.update(run, acc, lambda: _trainable_state(self.core))
 
     def tensors(self) -> dict[str, Tensor]:
         out = {f"learner.{k}": v for k, v in _trainable_state(self.core).items()}
         out.update(
             {f"gpa.{k}": v for k, v in (self.aggregation.tensors() if self.aggregation else {}).items()}
         )
-        out.update({f"best.{k}": v for k, v in (self.best or {}).items()})
+        out.update(self.best.tensors())
         return out
 
     def checkpoint_counters(self) -> dict[str, Any]:
-        return {**self.counters, **(self.aggregation.counters() if self.aggregation else {})}
+        aggregation = self.aggregation.counters() if self.aggregation else {}
+        return {**self.counters, **self.best.counters(), **aggregation}
 
     def checkpoint_meta(self, run: Run, epoch_end: bool) -> dict[str, Any]:
         return {"epoch_end": epoch_end}
 
     def final_state(self) -> tuple[dict, str]:
         """The prompts the teacher ships: best-on-val, the method's aggregate (PromptSRC's GPA), or the last."""
-        if self.recipe.selection == "val" and self.best is not None:
-            return self.best, f"val (epoch {self.counters['best_epoch']}, {self.counters['best_val']:.2f}%)"
+        if self.recipe.selection == "val" and self.best.state is not None:
+            return self.best.state, self.best.describe()
         aggregated = self.aggregation.result() if self.aggregation is not None else None
         if aggregated is not None:
             return aggregated, "gpa"
@@ -270,13 +255,17 @@ def _finish(stage: TeacherStage, run_dir: Path, selected: str, steps: int) -> No
 
         test = load_split(recipe.data, "test")
         zero_shot = ZeroShotClassifier(
-            create_clip(recipe.model), templates="simple", name=f"zero-shot {recipe.model.name}"
+            create_clip(recipe.model),
+            templates=recipe.zero_shot_templates,
+            name=f"zero-shot {recipe.model.name}",
+            data=recipe.data,
         )
         rows = [
             evaluate_base_novel(zero_shot, test, device=core.device),
             evaluate_base_novel(core, test, device=core.device),
         ]
         results["eval"] = rows
+        results["zero_shot_templates"] = recipe.zero_shot_templates
         table = evaluation_table(rows)
         write_text_atomic(run_dir / "eval.md", table + "\n")
         tqdm.write("\n" + table)

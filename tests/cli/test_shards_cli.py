@@ -107,3 +107,21 @@ def test_pretrain_reads_user_shards(cli, tmp_path, world_root):
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "runs" / "from-shards" / "pretrain" / "data" / "rank0.json").read_text())
     assert len(record["shards"]) == 3
+
+
+def test_shards_shuffle_by_default_and_no_shuffle_keeps_split_order(cli, tmp_path):
+    make_folder(tmp_path / "photos", classes=("a", "b", "c"), per_class=4)
+
+    def labels(*flags: str) -> list[int]:
+        out = tmp_path / "-".join(flags or ("default",))
+        assert cli("shards", tmp_path / "photos", out, "--format", "png", *flags).exit_code == 0
+        return [
+            s.label
+            for s in load_shards_split(ShardsData(train=str(out / "train-000000.tar")), "train").samples
+        ]
+
+    in_order = labels("--no-shuffle")
+    assert in_order == sorted(in_order)
+    shuffled = labels()
+    assert shuffled != in_order and sorted(shuffled) == in_order
+    assert labels("--seed", "0") == shuffled and labels("--seed", "5") != shuffled

@@ -98,3 +98,63 @@ def test_recipe_file_path_and_yaml_errors(tmp_path):
         load_recipe(PretrainRecipe, str(bad))
     with pytest.raises(KdpromptError, match="recipe file not found"):
         load_recipe(PretrainRecipe, str(tmp_path / "missing.yaml"))
+
+
+def test_fingerprint_tells_models_and_methods_apart_but_not_logging():
+    from kdprompt.config.fingerprint import recipe_fingerprint
+    from kdprompt.config.teacher import TeacherRecipe
+
+    teacher = recipe_fingerprint(load_recipe(PretrainRecipe, "demo/pretrain-teacher"))
+    student = recipe_fingerprint(load_recipe(PretrainRecipe, "demo/pretrain-student"))
+    assert teacher != student  # the two differ only in model.name (and where they write)
+    renamed = load_recipe(
+        PretrainRecipe, "demo/pretrain-teacher", ["name=x", "train.log_every=3", "output_dir=/y"]
+    )
+    assert recipe_fingerprint(renamed) == teacher
+    src = load_recipe(TeacherRecipe, "demo/teacher-promptsrc")
+    other_seed = load_recipe(TeacherRecipe, "demo/teacher-promptsrc", ["seed=2"])
+    assert recipe_fingerprint(src) != recipe_fingerprint(other_seed)
+
+
+@pytest.mark.parametrize(
+    "name", sorted(n for n in builtin_recipes() if n.startswith(("base2novel/", "cross_dataset/")))
+)
+def test_coop_recipes_train_like_the_references(name):
+    # The CoOp-family references (Dassl) crop at scale 0.08-1 with flips and step a cosine per epoch.
+    kind = read_recipe_yaml(builtin_recipes()[name])["recipe"]
+    recipe = load_recipe(RECIPE_MODELS[kind], name)
+    assert recipe.augmentation.preset == "dassl" and recipe.train.lr_schedule == "dassl"
+
+
+@pytest.mark.parametrize("name", sorted(n for n in builtin_recipes() if n.startswith(("demo/", "compact/"))))
+def test_other_recipes_keep_kdprompts_defaults(name):
+    recipe = read_recipe_yaml(builtin_recipes()[name])
+    assert "augmentation" not in recipe and "lr_schedule" not in recipe.get("train", {})
+
+
+def test_base2novel_teachers_use_the_references_templates():
+    from kdprompt.config.teacher import TeacherRecipe
+
+    names = [n for n in builtin_recipes() if n.startswith("base2novel/") and "/distill-" not in n]
+    assert len(names) == 33
+    for name in names:
+        recipe = load_recipe(TeacherRecipe, name)
+        # The zero-shot row is CoOp's per-dataset template; PromptSRC's ensemble is its own 60.
+        assert recipe.zero_shot_templates == "coop", name
+        if recipe.method.name == "promptsrc":
+            assert recipe.method.templates == "promptsrc", name
+    for name in ("demo/teacher-promptsrc", "demo/teacher-maple"):
+        recipe = load_recipe(TeacherRecipe, name)
+        assert recipe.zero_shot_templates == "simple"
+    assert load_recipe(TeacherRecipe, "demo/teacher-promptsrc").method.templates == "ensemble"
+
+
+def test_coop_templates_need_coop_data():
+    from kdprompt.config.teacher import TeacherRecipe
+
+    with pytest.raises(KdpromptError) as err:
+        load_recipe(TeacherRecipe, "demo/teacher-promptsrc", ["zero_shot_templates=coop"])
+    assert "zero_shot_templates" in str(err.value) and "coop data" in str(err.value)
+    with pytest.raises(KdpromptError) as err:
+        load_recipe(PretrainRecipe, "demo/pretrain-teacher", ["eval.0.templates=coop"])
+    assert "eval[0].templates" in str(err.value)

@@ -66,19 +66,23 @@ def test_base_novel_small():
 def test_few_shot_counts_and_determinism():
     counts = [5, 4, 3, 2, 1, 0, 6]
     samples = make_split(counts).samples
+    first_seen = list(dict.fromkeys(s.label for s in samples))
     draws = []
     for seed in (1, 2, 3):
         picked = few_shot(samples, 2, seed)
-        assert Counter(s.label for s in picked) == {i: min(2, n) for i, n in enumerate(counts) if n}
+        # Dassl's repeat=True: a class with fewer than K draws K with replacement.
+        assert Counter(s.label for s in picked) == {i: 2 for i, n in enumerate(counts) if n}
         assert picked == few_shot(samples, 2, seed)
-        # Sorted by label, then by position in the input.
-        pos = {s.key: i for i, s in enumerate(samples)}
-        assert [(s.label, pos[s.key]) for s in picked] == sorted((s.label, pos[s.key]) for s in picked)
+        # Classes in order of first appearance in the split (Dassl's defaultdict), not sorted.
+        assert list(dict.fromkeys(s.label for s in picked)) == first_seen
         draws.append([s.key for s in picked])
     assert draws[0] != draws[1] or draws[1] != draws[2]
-    # A class with fewer than K is taken whole.
-    assert [s.key for s in few_shot(samples, 2, 1) if s.label == 4] == ["4_0"]
-    assert sorted(s.key for s in few_shot(samples, 16, 1)) == sorted(s.key for s in samples)
+    # A class with fewer than K repeats what it has; repeat=False takes it whole instead.
+    assert [s.key for s in few_shot(samples, 2, 1) if s.label == 4] == ["4_0", "4_0"]
+    assert [s.key for s in few_shot(samples, 2, 1, repeat=False) if s.label == 4] == ["4_0"]
+    many = few_shot(samples, 16, 1)
+    assert len(many) == 16 * 6 and {s.key for s in many} <= {s.key for s in samples}
+    assert sorted(s.key for s in few_shot(samples, 16, 1, repeat=False)) == sorted(s.key for s in samples)
 
 
 def test_few_shot_all():

@@ -321,16 +321,23 @@ def test_export_needs_no_base_weights_of_the_student(student_run, bundle_dir, tm
     )
 
 
+def bundle_of_classes(cli, student_run, folder: Path, classes: str):
+    """``kdprompt cache`` of the teacher for ``classes`` (one per line), then ``kdprompt export`` with it."""
+    folder.mkdir()
+    (folder / "classes.txt").write_text(classes)
+    made = cli(
+        "cache", student_run["teacher"], "--classes", folder / "classes.txt", "--out", folder / "cache"
+    )
+    assert made.exit_code == 0, made.output
+    result = cli("export", student_run["student"], folder / "bundle", "--cache", folder / "cache")
+    assert result.exit_code == 0, result.output
+    return load_bundle(folder / "bundle")
+
+
 def test_export_ships_another_class_list_of_the_same_teacher(cli, student_run, tmp_path):
     from kdprompt.text_features import build_cache
 
-    classes = tmp_path / "classes.txt"
-    classes.write_text("teal hexagon\nred circle\nmagenta star\n")
-    made = cli("cache", student_run["teacher"], "--classes", classes, "--out", tmp_path / "cache3")
-    assert made.exit_code == 0, made.output
-    result = cli("export", student_run["student"], tmp_path / "b3", "--cache", tmp_path / "cache3")
-    assert result.exit_code == 0, result.output
-    bundle = load_bundle(tmp_path / "b3")
+    bundle = bundle_of_classes(cli, student_run, tmp_path / "b3", "teal hexagon\nred circle\nmagenta star\n")
     assert bundle.classnames == ["teal hexagon", "red circle", "magenta star"]
     assert bundle.manifest["classes"]["num_classes"] == 3
     assert set(bundle.predict(torch.zeros(3, 32, 32), k=5)[0].labels) == set(bundle.classnames)
@@ -346,3 +353,19 @@ def test_export_ships_another_class_list_of_the_same_teacher(cli, student_run, t
     refused = cli("export", student_run["student"], tmp_path / "b4", "--cache", foreign)
     assert refused.exit_code == 2 and "built for another teacher" in refused.output
     assert not (tmp_path / "b4").exists()
+
+
+def test_bundle_labels_are_readable_class_names(cli, student_run, tmp_path):
+    bundle = bundle_of_classes(
+        cli, student_run, tmp_path / "b", "american_bulldog\nApply_Eye_Makeup\nred circle\n"
+    )
+    # The names identify the classes (cache, sha256); the labels users see read like the prompts.
+    assert bundle.classnames == ["american_bulldog", "Apply_Eye_Makeup", "red circle"]
+    assert bundle.labels == ["american bulldog", "Apply Eye Makeup", "red circle"]
+    assert bundle.cache.manifest["prompts"][:2] == [
+        "a photo of a american bulldog.",
+        "a photo of a Apply Eye Makeup.",
+    ]
+    [pred] = bundle.predict(torch.zeros(3, 32, 32), k=3)
+    assert set(pred.labels) == set(bundle.labels)
+    assert [bundle.labels[i] for i in pred.indices] == pred.labels

@@ -270,3 +270,23 @@ def test_read_classnames_errors_name_the_file(tmp_path, name, content, match):
     with pytest.raises(KdpromptError, match=match) as err:
         read_classnames_file(path)
     assert str(path) in str(err.value)
+
+
+def test_prompts_are_recorded_optional_and_checked(tmp_path):
+    prompts = [f"a photo of a {n}." for n in names_of(4)]
+    make(tmp_path, count=4, dim=8, prompts=prompts)
+    cache = load_cache(tmp_path / "cache")
+    assert cache.manifest["prompts"] == prompts
+    assert cache.subset(["class 003", "class 000"]).manifest["prompts"] == [prompts[3], prompts[0]]
+    # Caches written before the field existed have none, and still load.
+    make(tmp_path / "old", count=4, dim=8)
+    assert "prompts" not in load_cache(tmp_path / "old" / "cache").manifest
+    assert "prompts" not in load_cache(tmp_path / "old" / "cache").subset(["class 001"]).manifest
+    with pytest.raises(KdpromptError, match="3 prompts were given for 4 class names"):
+        make(tmp_path / "bad", count=4, dim=8, prompts=prompts[:3])
+    file = tmp_path / "cache" / MANIFEST_FILE
+    manifest = json.loads(file.read_text())
+    manifest["prompts"] = prompts[:3]
+    file.write_text(json.dumps(manifest))
+    with pytest.raises(KdpromptError, match="malformed fields"):
+        load_cache(tmp_path / "cache")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_WORLD, accelerate_launch, train_tiny_teacher
+from conftest import TINY_WORLD, accelerate_launch, assert_dassl_lr_per_epoch, train_tiny_teacher
 from safetensors.torch import load_file
 
 from kdprompt.config.distill import DistillRecipe
@@ -189,3 +189,32 @@ def test_bench_distill_prints_both_throughputs(cli, tmp_path, trained):
     assert figures["speedup"] == pytest.approx(
         figures["cached_images_per_s"] / figures["recomputed_images_per_s"]
     )
+
+
+def test_teacher_sees_the_students_augmented_view():
+    from PIL import Image
+
+    from kdprompt.data.augment import AugmentationConfig, train_transform
+    from kdprompt.train.distill_loop import view_converter
+
+    # Two models with one image size but different normalisations: the converted student view is what
+    # the teacher's own transform makes of the same random crop and flip.
+    aug = AugmentationConfig(preset="dassl")
+    student_tf = train_transform(aug, {"size": 32, "mean": (0.5, 0.5, 0.5), "std": (0.2, 0.3, 0.4)})
+    teacher_tf = train_transform(aug, {"size": 32, "mean": (0.48, 0.46, 0.41), "std": (0.27, 0.26, 0.28)})
+    to_teacher = view_converter(student_tf, teacher_tf)
+    image = Image.fromarray(torch.randint(0, 256, (40, 60, 3), dtype=torch.uint8).numpy())
+    for seed in range(4):
+        torch.manual_seed(seed)
+        student_view = student_tf(image)
+        torch.manual_seed(seed)
+        teacher_view = teacher_tf(image)
+        torch.testing.assert_close(to_teacher(student_view[None])[0], teacher_view, rtol=0, atol=1e-5)
+
+
+def test_distill_with_dassl_schedule_and_augmentation(cli, tmp_path, trained):
+    args = [*distill_args(trained, tmp_path, "dassl", "prompts"), "train.lr_schedule=dassl"]
+    result = cli("distill", "demo/distill-student", *args, "augmentation.preset=dassl", "evaluate=false")
+    assert result.exit_code == 0, result.output
+    recipe = load_recipe(DistillRecipe, "demo/distill-student", args)
+    assert_dassl_lr_per_epoch(tmp_path / "runs" / "dassl" / "student" / "metrics.jsonl", recipe.train)

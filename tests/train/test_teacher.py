@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import accelerate_launch
+from conftest import accelerate_launch, assert_dassl_lr_per_epoch
 from safetensors.torch import load_file
 
+from kdprompt.config.loading import load_recipe
+from kdprompt.config.teacher import TeacherRecipe
 from kdprompt.errors import KdpromptError
 from kdprompt.models import ModelSpec, create_clip
 from kdprompt.models.prompt_methods import MaPLeConfig, PromptSRCConfig
@@ -65,10 +67,11 @@ def test_prompt_depth_beyond_the_model_names_the_field():
     clip = create_clip(ModelSpec(name="kd-tiny-teacher"))
     with pytest.raises(KdpromptError, match=r"method.vision_depth is 9, but the tower has 4 blocks"):
         PromptedClip(clip, PromptSRCConfig(text_depth=2, vision_depth=9), name="t")
+    # A phrase longer than the context is fine (its first tokens are learned); a shorter one is not.
     with pytest.raises(
-        KdpromptError, match="ctx_init 'a photo of a' is 4 tokens but the context length is 2"
+        KdpromptError, match="ctx_init 'a photo of a' is 4 tokens but the context length is 6"
     ):
-        PromptedClip(clip, PromptSRCConfig(n_ctx_text=2, text_depth=2, vision_depth=2), name="t")
+        PromptedClip(clip, PromptSRCConfig(n_ctx_text=6, text_depth=2, vision_depth=2), name="t")
 
 
 def test_gaussian_weights():
@@ -245,3 +248,12 @@ def test_resume_refuses_a_checkpoint_of_another_recipe(cli, tmp_path, teacher_ar
         "train.stop_after_steps=1",
     )
     assert fresh.exit_code == 0, fresh.output
+
+
+@pytest.mark.slow
+def test_teacher_with_dassl_schedule_and_augmentation(cli, tmp_path, teacher_args):
+    args = [*teacher_args("dassl", "maple"), "evaluate=false", "train.lr_schedule=dassl"]
+    result = cli("teacher", "demo/teacher-maple", *args, "augmentation.preset=dassl")
+    assert result.exit_code == 0, result.output
+    recipe = load_recipe(TeacherRecipe, "demo/teacher-maple", args)
+    assert_dassl_lr_per_epoch(tmp_path / "runs" / "dassl" / "teacher" / "metrics.jsonl", recipe.train)

@@ -69,7 +69,7 @@ def create_app(
     batcher = MicroBatcher(
         bundle.predict_tensor, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue
     )
-    classnames = bundle.classnames
+    labels = bundle.labels
     fingerprint = bundle.manifest.get("fingerprint")
     state: dict[str, Any] = {}
 
@@ -146,10 +146,10 @@ def create_app(
         predictions = await batcher.submit(images, k, [up.source for up in uploads])
         return {"model": bundle.name, "k": k, "predictions": [p.to_dict() for p in predictions]}
 
-    @app.get("/v1/classes", response_model=ClassesResponse, summary="The class names, in index order")
+    @app.get("/v1/classes", response_model=ClassesResponse, summary="The class labels, in index order")
     async def classes() -> dict[str, Any]:
         """The classes the bundle chooses among; `indices` in predictions index this list."""
-        return {"model": bundle.name, "num_classes": len(classnames), "classes": classnames}
+        return {"model": bundle.name, "num_classes": len(labels), "classes": labels}
 
     @app.get(
         "/healthz",
@@ -165,7 +165,7 @@ def create_app(
             "status": "ok",
             "model": bundle.name,
             "fingerprint": fingerprint,
-            "num_classes": len(classnames),
+            "num_classes": len(labels),
             "batcher": batcher.stats(),
         }
 

@@ -30,7 +30,7 @@ class ClassifyResponse(BaseModel):
 
 
 class ClassesResponse(BaseModel):
-    """The bundle's class names, in index order."""
+    """The bundle's class labels (class names with underscores as spaces), in index order."""
 
     model: str
     num_classes: int

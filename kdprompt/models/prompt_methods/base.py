@@ -39,20 +39,27 @@ def phrase_context(
 ) -> tuple[Tensor, str]:
     """Initial text context vectors (n_ctx, width) and the prompt prefix that holds their place.
 
-    With a phrase, the context is the phrase's own token embeddings and the prefix is the phrase, so
-    "{prefix} {class}." tokenises with the phrase tokens exactly where the context goes. Without one,
-    the context is N(0, 0.02) and the prefix is n_ctx "X" placeholders (CoOp's convention).
+    With a phrase, the context is the embeddings of the phrase's first n_ctx tokens and the prefix is
+    the whole phrase, so "{prefix} {class}." tokenises with those tokens exactly where the context goes
+    and any further phrase tokens stay fixed text ("a photo of a" with n_ctx 2: "[v1 v2] of a {class}.").
+    Without one, the context is N(0, 0.02) and the prefix is n_ctx "X" placeholders (CoOp's convention).
+
+    Raises:
+        KdpromptError: the phrase has fewer tokens than n_ctx.
     """
     width = token_embedding.weight.shape[1]
     if not phrase:
         return torch.randn(n_ctx, width) * PROMPT_INIT_STD, " ".join(["X"] * n_ctx)
     tokens = tokenizer([phrase])[0]
-    eot = int(tokens.argmax())
-    n_phrase = eot - 1
-    if n_phrase != n_ctx:
+    n_phrase = int(tokens.argmax()) - 1  # tokens between the start token and the EOT (the largest id)
+    # MaPLe and PromptSRC both take `embedding[0, 1 : 1 + n_ctx]` of the tokenised CTX_INIT and keep the
+    # whole phrase as `prompt_prefix` (multimodal-prompt-learning trainers/maple.py and PromptSRC
+    # trainers/promptsrc.py, `if ctx_init and n_ctx <= 4`). A phrase shorter than n_ctx would make the
+    # context swallow the class name's tokens there, so it is refused here instead.
+    if n_phrase < n_ctx:
         raise KdpromptError(
             f"{field}.ctx_init {phrase!r} is {n_phrase} tokens but the context length is {n_ctx}; "
-            f"set the context length to {n_phrase} or pick a phrase of {n_ctx} tokens"
+            f"set the context length to at most {n_phrase} or pick a phrase of at least {n_ctx} tokens"
         )
     with torch.no_grad():
         ctx = token_embedding(tokens[1 : 1 + n_ctx].to(token_embedding.weight.device)).float().cpu()

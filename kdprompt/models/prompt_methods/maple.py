@@ -1,10 +1,12 @@
 """MaPLe (CVPR 2023): deep text prompts coupled to vision prompts by one linear map per depth.
 
 Its loss is cross-entropy on the prompted logits (the :class:`PromptLearner` default).
+Reference: muzairkhattak/multimodal-prompt-learning ``trainers/maple.py`` (MultiModalPromptLearner).
 """
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
@@ -31,14 +33,21 @@ class MaPLeConfig(PromptMethodConfig):
     depth: int = Field(
         default=9, ge=1, description="blocks receiving prompts in both towers (1 = input only)"
     )
-    ctx_init: str | None = Field(default="a photo", description="phrase initialising the text context")
+    # MaPLe's configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml: N_CTX 2, CTX_INIT "a photo of a",
+    # so "a photo" is learned and "of a" stays fixed text.
+    ctx_init: str | None = Field(
+        default="a photo of a",
+        description="phrase initialising the text context: its first n_ctx tokens are learned, the rest stay text",
+    )
 
 
 @PROMPT_METHODS.register("maple")
 class CoupledPrompts(PromptLearner):
     """MaPLe: deep text prompts, and vision prompts made from them by one linear coupling per depth.
 
-    The couplings map the text width to the vision width of the model at hand.
+    The couplings map the text width to the vision width of the model at hand. As in MaPLe, the first
+    depth's coupling (its ``proj``) has its own initialisation and the deeper ones start as copies of one
+    initialised layer (``_get_clones(single_layer, PROMPT_DEPTH - 1)``), so at depth 9 there are 9.
     """
 
     Config = MaPLeConfig
@@ -50,11 +59,14 @@ class CoupledPrompts(PromptLearner):
         ctx, self.prefix = phrase_context(
             cfg.ctx_init, cfg.n_ctx, clip.tokenizer, clip.model.token_embedding, "method"
         )
+        first = nn.Linear(text_tower.width, vision_tower.width)
+        deep_text = deep_prompts(cfg.n_ctx, cfg.depth - 1, text_tower.width)
+        shared = nn.Linear(text_tower.width, vision_tower.width)
+        # Created in MaPLe's order (proj, deep text prompts, the layer to clone); the module keys stay
+        # couplings.0..depth-1, so teachers saved before the cloned initialisation still load.
         self.ctx = nn.Parameter(ctx)
-        self.deep_text = deep_prompts(cfg.n_ctx, cfg.depth - 1, text_tower.width)
-        self.couplings = nn.ModuleList(
-            nn.Linear(text_tower.width, vision_tower.width) for _ in range(cfg.depth)
-        )
+        self.deep_text = deep_text
+        self.couplings = nn.ModuleList([first, *(copy.deepcopy(shared) for _ in range(cfg.depth - 1))])
 
     def text_prompts(self) -> list[Tensor | None]:
         return [self.ctx, *self.deep_text]

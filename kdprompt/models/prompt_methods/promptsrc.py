@@ -26,7 +26,7 @@ from kdprompt.models.prompt_methods.base import (
     deep_prompts,
     phrase_context,
 )
-from kdprompt.models.templates import TEMPLATE_SETS, text_classifier
+from kdprompt.models.templates import template_set, text_classifier
 
 if TYPE_CHECKING:
     from kdprompt.models.loading import LoadedClip
@@ -55,8 +55,10 @@ class PromptSRCConfig(PromptMethodConfig):
     )
     image_loss_weight: float = Field(default=10.0, ge=0, description="L1 to frozen image features")
     kl_weight: float = Field(default=1.0, ge=0, description="KL(zero-shot || prompted) logits")
-    templates: Literal["simple", "ensemble"] = Field(
-        default="ensemble", description="templates of the frozen text features the text L1 pulls towards"
+    templates: Literal["simple", "ensemble", "promptsrc"] = Field(
+        default="ensemble",
+        description="templates of the frozen text features the text L1 pulls towards; promptsrc: "
+        "PromptSRC's own 60 (trainers/imagenet_templates.py), raw features averaged",
     )
     gpa: GPAConfig = GPAConfig()
 
@@ -202,7 +204,7 @@ class IndependentPrompts(PromptLearner):
             model.clip_model.encode_text,
             model.tokenizer,
             classnames,
-            TEMPLATE_SETS[self.cfg.templates],
+            template_set(self.cfg.templates),
             device=model.device,
         )
 
