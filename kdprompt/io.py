@@ -25,6 +25,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     target = tmp / final.name
     try:
         yield target
+        _default_modes(target)
         if final.is_dir() and not final.is_symlink():
             # os.replace cannot replace a non-empty directory: move the old one aside first.
             old = final.with_name(f".{final.name}.old")
@@ -36,6 +37,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(target, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _default_modes(target: Path) -> None:
+    """Give ``target`` (and, for a directory, everything in it) the modes a plain ``open``/``mkdir`` would.
+
+    Some writers (safetensors, for one) create 0600 files: a bundle exported by one user would then be
+    unreadable by the serving image's user. Links are left alone.
+    """
+    mask = _current_umask()
+    paths = [target, *target.rglob("*")] if target.is_dir() else [target]
+    for path in paths:
+        if path.is_symlink() or not path.exists():
+            continue
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
