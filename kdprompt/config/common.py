@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator
 
 from kdprompt.config.base import StrictModel
 from kdprompt.data.sources import DataConfig
@@ -26,6 +26,20 @@ def check_templates_fit(name: str, info: ValidationInfo) -> str:
         except KdpromptError as exc:
             raise ValueError(str(exc)) from None
     return name
+
+
+def _single_path_component(name: str) -> str:
+    # The name becomes <output_dir>/<name>/...: "../x", "/abs" or "" would write outside output_dir.
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ValueError(
+            f"the run name must be one folder name (no '/', not '.' or '..', not empty), got {name!r}; "
+            "choose where runs go with output_dir"
+        )
+    return name
+
+
+RunName = Annotated[str, AfterValidator(_single_path_component)]
+"""A run name: one path component under ``output_dir``."""
 
 
 class LoopConfig(StrictModel):

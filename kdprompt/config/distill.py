@@ -8,7 +8,14 @@ from typing import Literal
 from pydantic import Field
 
 from kdprompt.config.base import StrictModel
-from kdprompt.config.common import LR_SCHEDULE_HELP, CheckpointConfig, LrSchedule, Resume, StreamConfig
+from kdprompt.config.common import (
+    LR_SCHEDULE_HELP,
+    CheckpointConfig,
+    LrSchedule,
+    Resume,
+    RunName,
+    StreamConfig,
+)
 from kdprompt.data.augment import AugmentationConfig
 from kdprompt.data.sources import DataConfig
 from kdprompt.models.student import StudentConfig
@@ -33,7 +40,7 @@ class DistillRecipe(StrictModel):
     """``kdprompt distill``: train a student from unlabelled shards against a teacher and its cache."""
 
     recipe: Literal["distill"] = "distill"
-    name: str = Field(description="run name: outputs go to <output_dir>/<name>/student/")
+    name: RunName = Field(description="run name: outputs go to <output_dir>/<name>/student/")
     description: str = ""
     seed: int = 1
     output_dir: Path = Path("runs")

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field
 
 from kdprompt.config.base import StrictModel
-from kdprompt.config.common import CheckpointConfig, Resume, StreamConfig, ZeroShotEval
+from kdprompt.config.common import CheckpointConfig, Resume, RunName, StreamConfig, ZeroShotEval
 from kdprompt.data.sources import DataConfig
 from kdprompt.models.spec import ModelSpec
 
@@ -27,7 +27,7 @@ class PretrainRecipe(StrictModel):
     """``kdprompt pretrain``: contrastive CLIP training on image-text data."""
 
     recipe: Literal["pretrain"] = "pretrain"
-    name: str = Field(description="run name: outputs go to <output_dir>/<name>/pretrain/")
+    name: RunName = Field(description="run name: outputs go to <output_dir>/<name>/pretrain/")
     description: str = ""
     seed: int = 0
     output_dir: Path = Path("runs")

@@ -15,6 +15,7 @@ from kdprompt.config.common import (
     LoopConfig,
     LrSchedule,
     Resume,
+    RunName,
     check_templates_fit,
 )
 from kdprompt.data.augment import AugmentationConfig
@@ -50,7 +51,7 @@ class TeacherRecipe(StrictModel):
     """``kdprompt teacher``: prompt learning on few-shot labelled data, then the text-feature cache."""
 
     recipe: Literal["teacher"] = "teacher"
-    name: str = Field(description="run name: outputs go to <output_dir>/<name>/teacher/")
+    name: RunName = Field(description="run name: outputs go to <output_dir>/<name>/teacher/")
     description: str = ""
     seed: int = Field(default=1, description="drives few-shot sampling, data order and initialisation")
     output_dir: Path = Path("runs")

@@ -158,3 +158,11 @@ def test_coop_templates_need_coop_data():
     with pytest.raises(KdpromptError) as err:
         load_recipe(PretrainRecipe, "demo/pretrain-teacher", ["eval.0.templates=coop"])
     assert "eval[0].templates" in str(err.value)
+
+
+@pytest.mark.parametrize("bad", ["../x", "/abs", "", "a/b", "..", "."])
+def test_run_name_must_be_one_folder_name(bad):
+    with pytest.raises(KdpromptError) as err:
+        load_recipe(PretrainRecipe, "demo/pretrain-teacher", [f"name={bad}"])
+    assert "name: Value error, the run name must be one folder name" in str(err.value)
+    assert repr(bad) in str(err.value)
