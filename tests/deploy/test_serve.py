@@ -220,6 +220,16 @@ BAD_REQUESTS = {
     "urlencoded-form": ({"data": {"k": "3"}}, 415, "unsupported content type"),
     "k-zero": ({"files": {"images": ("a.png", SMALL)}, "data": {"k": "0"}}, 400, "k must be at least 1"),
     "k-text": ({"json": {"images": [_b64(SMALL)], "k": "many"}}, 400, "k must be a whole number"),
+    "k-superscript": (
+        {"files": {"images": ("a.png", SMALL)}, "data": {"k": "²"}},
+        400,
+        "k must be a whole number",
+    ),
+    "k-5000-digits": (
+        {"files": {"images": ("a.png", SMALL)}, "data": {"k": "9" * 5000}},
+        400,
+        "k must be a whole",
+    ),
     "wrong-content-type": ({"content": SMALL, "headers": {"content-type": "image/png"}}, 415, "multipart"),
     "body-too-large": (
         {"content": b" " * 2**20, "headers": {"content-type": "application/json"}},

@@ -35,7 +35,9 @@ def parse_k(value: Any, default: int) -> int:
     """
     if value is None or value == "":
         return default
-    if isinstance(value, str) and value.strip().isdigit():
+    # ASCII digits only, and few of them: str.isdigit() accepts "²" (int() then fails) and int() refuses
+    # strings of thousands of digits; either was a 500 with a server traceback.
+    if isinstance(value, str) and re.fullmatch(r"[0-9]{1,9}", value.strip()):
         k = int(value.strip())
     elif isinstance(value, int) and not isinstance(value, bool):
         k = value
