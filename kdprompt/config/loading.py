@@ -57,12 +57,46 @@ def find_recipe(name_or_path: str) -> Path:
     )
 
 
+MAX_RECIPE_VALUES = 100_000
+"""The most values a recipe may expand to (YAML aliases counted each time they are used)."""
+
+
+def _expanded_size(node: Any, memo: dict[int, int]) -> int:
+    """Values in ``node`` once every alias is expanded, computed without expanding (aliases share objects)."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    memo[key] = 1  # a self-referencing alias counts once instead of recursing forever
+    if isinstance(node, dict):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.items())
+    elif isinstance(node, list):
+        size = 1 + sum(_expanded_size(v, memo) for v in node)
+    else:
+        size = 1
+    memo[key] = min(size, MAX_RECIPE_VALUES + 1)
+    return memo[key]
+
+
 def read_recipe_yaml(path: Path) -> dict[str, Any]:
-    """Parse a recipe file into a mapping."""
+    """Parse a recipe file into a mapping.
+
+    Raises:
+        KdpromptError: the file is not UTF-8 text, not YAML, not a mapping, or expands (through YAML
+            aliases) to more than :data:`MAX_RECIPE_VALUES` values.
+    """
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise KdpromptError(
+            f"recipe {path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8"
+        ) from None
     except yaml.YAMLError as exc:
         raise KdpromptError(f"recipe {path} is not valid YAML: {exc}") from None
+    if _expanded_size(data, {}) > MAX_RECIPE_VALUES:
+        raise KdpromptError(
+            f"recipe {path} expands to more than {MAX_RECIPE_VALUES:,} values through YAML aliases "
+            "(an alias bomb?); write the values out"
+        )
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -166,3 +166,21 @@ def test_run_name_must_be_one_folder_name(bad):
         load_recipe(PretrainRecipe, "demo/pretrain-teacher", [f"name={bad}"])
     assert "name: Value error, the run name must be one folder name" in str(err.value)
     assert repr(bad) in str(err.value)
+
+
+def test_non_utf8_recipe_is_one_clear_error(tmp_path):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(KdpromptError, match=r"is not UTF-8 text .*save it as UTF-8"):
+        load_recipe(PretrainRecipe, str(bad))
+
+
+def test_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    for prev, cur in zip("abcdefgh", "bcdefghi", strict=True):
+        lines.append(f"{cur}: &{cur} [{', '.join(['*' + prev] * 10)}]")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")  # ~600 bytes, 10^9 values once expanded
+    assert bomb.stat().st_size < 1000
+    with pytest.raises(KdpromptError, match="expands to more than 100,000 values"):
+        load_recipe(PretrainRecipe, str(bomb))
