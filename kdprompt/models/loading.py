@@ -10,7 +10,8 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from kdprompt.errors import KdpromptError
-from kdprompt.io import atomic_write
+from kdprompt.io import atomic_write, file_sha256
 from kdprompt.models.spec import ModelSpec
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
@@ -211,6 +212,31 @@ def _tag_error(name: str, tag: str, reason: str) -> KdpromptError:
     )
 
 
+@contextlib.contextmanager
+def _no_random_init_warning() -> Iterator[None]:
+    """Hide open_clip's "No pretrained weights loaded ... initialized randomly" while building a model
+    whose weights kdprompt loads itself (or does not need)."""
+    quiet = logging.Filter()
+    quiet.filter = lambda record: not record.getMessage().startswith("No pretrained weights loaded")  # type: ignore[method-assign]
+    logging.getLogger().addFilter(quiet)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(quiet)
+
+
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def _sha256_prefix(path: Path) -> str:
+    """The first 12 hex digits of a file's sha256, computed once per (path, size, mtime) per process."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = file_sha256(path)[:12]
+    return _SHA_CACHE[key]
+
+
 def create_clip(spec: ModelSpec, device: str | torch.device = "cpu", load_weights: bool = True) -> LoadedClip:
     """Create the open_clip model described by ``spec``.
 
@@ -244,15 +270,19 @@ def create_clip(spec: ModelSpec, device: str | torch.device = "cpu", load_weight
             if tag not in open_clip.list_pretrained_tags_by_model(name):
                 raise _tag_error(name, tag, "unknown tag")
     try:
-        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-            name, pretrained=tag, precision=spec.precision, device=device
-        )
+        # A local file is loaded right below: open_clip's "initialized randomly" warning would be false.
+        quiet = _no_random_init_warning() if local is not None else contextlib.nullcontext()
+        with quiet:
+            model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+                name, pretrained=tag, precision=spec.precision, device=device
+            )
     except Exception as e:
         if tag is None:
             raise
         raise _tag_error(name, tag, f"{type(e).__name__}: {e}") from e
     if local is not None:
         _load_local_weights(model, local, name)
+        print(f"loaded {name} weights from {local} (sha256 {_sha256_prefix(local)})", file=sys.stderr)
     model.eval()
     tokenizer = open_clip.get_tokenizer(name)
     return LoadedClip(model, preprocess_train, preprocess_val, tokenizer, spec, name)
@@ -267,16 +297,10 @@ def _create_architecture(name: str, spec: ModelSpec, device: str | torch.device)
         forced["force_quick_gelu"] = bool(tag_cfg.get("quick_gelu", False))
         keys = ("mean", "std", "interpolation", "resize_mode")
         forced["force_preprocess_cfg"] = {k: tag_cfg[k] for k in keys if k in tag_cfg}
-    # open_clip warns that no weights were loaded: here that is the point, not news.
-    quiet = logging.Filter()
-    quiet.filter = lambda record: not record.getMessage().startswith("No pretrained weights loaded")  # type: ignore[method-assign]
-    logging.getLogger().addFilter(quiet)
-    try:
+    with _no_random_init_warning():
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             name, pretrained=None, precision=spec.precision, device=device, **forced
         )
-    finally:
-        logging.getLogger().removeFilter(quiet)
     model.eval()
     return LoadedClip(model, preprocess_train, preprocess_val, open_clip.get_tokenizer(name), spec, name)
 

@@ -270,3 +270,22 @@ def test_spec_is_strict():
         ModelSpec(name="kd-tiny-teacher", weights="x")
     with pytest.raises(ValueError):
         ModelSpec(name="kd-tiny-teacher", precision="fp8")
+
+
+def test_local_weights_say_what_was_loaded_not_random_init(tmp_path, caplog, capsys):
+    import logging
+
+    from kdprompt.io import file_sha256
+    from kdprompt.models import ModelSpec, create_clip, save_clip_weights
+
+    path = tmp_path / "w.safetensors"
+    save_clip_weights(create_clip(ModelSpec(name="kd-tiny-student")).model, path)
+    capsys.readouterr()
+    caplog.clear()  # building the random weights above rightly warned
+    with caplog.at_level(logging.WARNING):
+        create_clip(ModelSpec(name="kd-tiny-student", pretrained=str(path)))
+    assert not [r for r in caplog.records if "initialized randomly" in r.getMessage()]
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        f"loaded kd-tiny-student weights from {path} (sha256 {file_sha256(path)[:12]})"
+    ]
