@@ -98,3 +98,13 @@ LR_SCHEDULE_HELP = (
     "references' (Dassl): constant warm-up epochs, then CosineAnnealingLR(T_max=epochs) stepped once per "
     "epoch, so each epoch has one lr and the last is above 0"
 )
+
+
+class WarmupCosineConfig(LoopConfig):
+    """SGD settings and the warm-up + cosine schedule the teacher and distill loops share (PromptKD's)."""
+
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    warmup_epochs: int = Field(default=1, ge=0, description="epochs at the constant warm-up lr")
+    warmup_lr: float = Field(default=1e-5, gt=0)
+    lr_schedule: LrSchedule = Field(default="cosine_per_step", description=LR_SCHEDULE_HELP)

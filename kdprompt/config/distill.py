@@ -9,12 +9,11 @@ from pydantic import Field
 
 from kdprompt.config.base import StrictModel
 from kdprompt.config.common import (
-    LR_SCHEDULE_HELP,
     CheckpointConfig,
-    LrSchedule,
     Resume,
     RunName,
     StreamConfig,
+    WarmupCosineConfig,
 )
 from kdprompt.data.augment import AugmentationConfig
 from kdprompt.data.sources import DataConfig
@@ -22,18 +21,13 @@ from kdprompt.models.student import StudentConfig
 from kdprompt.objectives import ObjectivesConfig
 
 
-class DistillTrainConfig(StreamConfig):
+class DistillTrainConfig(StreamConfig, WarmupCosineConfig):
     """Optimisation of the student (PromptKD's defaults)."""
 
     batch_size: int = Field(default=8, ge=1, description="per-process batch size")
     epochs: int = Field(default=20, ge=1)
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(default=0.005, gt=0)
-    momentum: float = Field(default=0.9, ge=0, lt=1)
-    weight_decay: float = Field(default=5e-4, ge=0)
-    warmup_epochs: int = Field(default=1, ge=0)
-    warmup_lr: float = Field(default=1e-5, gt=0)
-    lr_schedule: LrSchedule = Field(default="cosine_per_step", description=LR_SCHEDULE_HELP)
 
 
 class DistillRecipe(StrictModel):

@@ -9,13 +9,11 @@ from pydantic import Field, field_validator
 
 from kdprompt.config.base import StrictModel
 from kdprompt.config.common import (
-    LR_SCHEDULE_HELP,
     TEMPLATES_HELP,
     CheckpointConfig,
-    LoopConfig,
-    LrSchedule,
     Resume,
     RunName,
+    WarmupCosineConfig,
     check_templates_fit,
 )
 from kdprompt.data.augment import AugmentationConfig
@@ -34,17 +32,12 @@ class FewShotConfig(StrictModel):
     )
 
 
-class TeacherTrainConfig(LoopConfig):
+class TeacherTrainConfig(WarmupCosineConfig):
     """Optimisation of the prompts (PromptSRC's base-to-novel defaults)."""
 
     batch_size: int = Field(default=4, ge=1, description="per-process batch size")
     epochs: int = Field(default=20, ge=1)
     lr: float = Field(default=0.0025, gt=0)
-    momentum: float = Field(default=0.9, ge=0, lt=1)
-    weight_decay: float = Field(default=5e-4, ge=0)
-    warmup_epochs: int = Field(default=1, ge=0, description="epochs at the constant warm-up lr")
-    warmup_lr: float = Field(default=1e-5, gt=0)
-    lr_schedule: LrSchedule = Field(default="cosine_per_step", description=LR_SCHEDULE_HELP)
 
 
 class TeacherRecipe(StrictModel):
