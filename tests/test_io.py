@@ -33,3 +33,23 @@ def test_atomic_writes_respect_the_umask_not_the_writers_private_modes(tmp_path)
         assert _mode(private) == 0o600
     finally:
         os.umask(old)
+
+
+def test_a_crash_between_the_two_renames_of_a_folder_swap_is_repaired(tmp_path):
+    """The old folder sits aside as .NAME.old with nothing at NAME: the next writer or loader restores it."""
+    from kdprompt.io import recover_swap
+
+    folder = tmp_path / "bundle"
+    folder.mkdir()
+    (folder / "a.txt").write_text("old")
+    os.replace(folder, tmp_path / ".bundle.old")  # what a kill after the first rename leaves
+    recover_swap(folder)
+    assert (folder / "a.txt").read_text() == "old"
+    assert not (tmp_path / ".bundle.old").exists()
+
+    (tmp_path / ".bundle.old").mkdir()  # a completed swap whose cleanup was cut short
+    with atomic_path(folder) as new:
+        new.mkdir()
+        (new / "a.txt").write_text("new")
+    assert (folder / "a.txt").read_text() == "new"
+    assert not (tmp_path / ".bundle.old").exists()
