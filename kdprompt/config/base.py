@@ -19,7 +19,8 @@ from kdprompt.registry import Registry
 class StrictModel(BaseModel):
     """Base of every recipe model: unknown keys are errors, values are validated on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: a weight or lr of 1e309 (inf) or nan is a typo, never a setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def config_model(entry: Any) -> type[BaseModel]:

@@ -92,6 +92,10 @@ def read_recipe_yaml(path: Path) -> dict[str, Any]:
         ) from None
     except yaml.YAMLError as exc:
         raise KdpromptError(f"recipe {path} is not valid YAML: {exc}") from None
+    except ValueError as exc:  # PyYAML's int() of a number with thousands of digits
+        raise KdpromptError(
+            f"recipe {path} has a value YAML cannot read: {exc}; quote it or shorten it"
+        ) from None
     if _expanded_size(data, {}) > MAX_RECIPE_VALUES:
         raise KdpromptError(
             f"recipe {path} expands to more than {MAX_RECIPE_VALUES:,} values through YAML aliases "

@@ -16,7 +16,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise KdpromptError(f"Command-line overrides must be in the form of key=value, got {text!r}")
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):  # ValueError: int() of thousands of digits
         value = raw
     return key.split("."), value
 
@@ -43,7 +43,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             where = ".".join(keys[: i + 1])
             last = i == len(keys) - 1
             if isinstance(node, list):
-                if not key.isdigit() or int(key) >= len(node):
+                if not (key.isascii() and key.isdigit()) or int(key) >= len(node):
                     raise KdpromptError(
                         f"override {text!r}: {'.'.join(keys[:i])} is a list of {len(node)}; "
                         f"use an index 0..{len(node) - 1}, got {key!r}"

@@ -184,3 +184,21 @@ def test_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
     assert bomb.stat().st_size < 1000
     with pytest.raises(KdpromptError, match="expands to more than 100,000 values"):
         load_recipe(PretrainRecipe, str(bomb))
+
+
+@pytest.mark.parametrize("value", ["1e309", ".nan", "-.inf"])
+def test_infinite_or_nan_numbers_are_refused(value):
+    """1e309 parses to inf, which a ge=0 bound lets through: a weight of inf is a typo, not a setting."""
+    with pytest.raises(KdpromptError, match=r"objectives\.kl\.weight: Input should be a finite number"):
+        load_recipe(RECIPE_MODELS["distill"], "demo/distill-student", [f"objectives.kl.weight={value}"])
+
+
+def test_unicode_digit_list_index_and_huge_numbers_are_clear_errors(tmp_path):
+    with pytest.raises(KdpromptError, match="use an index"):
+        apply_overrides({"eval": [{"split": "test"}]}, ["eval.².split=val"])
+    # PyYAML raises ValueError (not a YAMLError) on an int of thousands of digits.
+    assert apply_overrides({}, ["seed=" + "9" * 5000])["seed"] == "9" * 5000
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("seed: " + "9" * 5000 + "\n")
+    with pytest.raises(KdpromptError, match=r"cannot read.*quote it"):
+        read_recipe_yaml(recipe)
