@@ -39,7 +39,12 @@ COPY recipes ./recipes
 ENV KDPROMPT_RECIPES_DIR=/opt/kdprompt/recipes
 # `kdprompt recipes` fails when it finds no recipes: a build-time check of the line above.
 # `./[extras]` rather than `.[extras]`: the same for pip, and hadolint sees a path, not an unpinned name.
-RUN pip install './[onnx]' && kdprompt recipes > /dev/null
+# The gpu extra brings faiss-gpu; faiss-cpu (a base dependency) ships the same `faiss` package, so it is
+# removed and faiss-gpu reinstalled over it: class-vocabulary search then runs on the GPU with the model.
+RUN pip install './[onnx,gpu]' \
+    && pip uninstall -y faiss-cpu \
+    && pip install --no-deps --force-reinstall faiss-gpu==1.15.1 \
+    && kdprompt recipes > /dev/null
 
 # Runs happen in /workspace: recipes write runs/ and cache/ relative to it and read data/coop by
 # default, so mounting data/, runs/ and cache/ there needs no path overrides. Model downloads (Hugging

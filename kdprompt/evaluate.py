@@ -21,6 +21,7 @@ from kdprompt.data.protocol import base_novel_labels
 from kdprompt.data.types import Split
 from kdprompt.errors import KdpromptError
 from kdprompt.models.templates import TEMPLATE_SETS, TemplateSet, template_set, text_classifier
+from kdprompt.text_features.ranking import build_index, plan_index
 
 if TYPE_CHECKING:
     from kdprompt.models.loading import LoadedClip
@@ -188,8 +189,14 @@ def _encode_split(
     return torch.cat(feats), torch.cat(labels)
 
 
-def _subset_accuracy(logits: Tensor, labels: Tensor, classes: list[int]) -> tuple[float, int]:
-    """Top-1 (%) and count of the images whose label is in ``classes``, argmax among those classes."""
+def _subset_accuracy(
+    image_feats: Tensor, class_feats: Tensor, labels: Tensor, classes: list[int]
+) -> tuple[float, int]:
+    """Top-1 (%) and count of the images whose label is in ``classes``, ranked among those classes.
+
+    The ranking goes through an exact FAISS index over the subset's class features (the inner products
+    of a matrix product, without materialising the image x class matrix).
+    """
     if not classes:
         return 0.0, 0
     lo, hi = classes[0], classes[-1] + 1  # base and novel labels are contiguous ranges
@@ -197,7 +204,9 @@ def _subset_accuracy(logits: Tensor, labels: Tensor, classes: list[int]) -> tupl
     n = int(rows.sum())
     if n == 0:
         return 0.0, 0
-    preds = logits[rows][:, lo:hi].argmax(dim=-1) + lo
+    index = build_index(class_feats[lo:hi], plan_index(hi - lo, "flat"))
+    _, top = index.search(image_feats[rows].float().numpy(), 1)
+    preds = torch.from_numpy(top[:, 0]).long() + lo
     return accuracy(preds, labels[rows]), n
 
 
@@ -213,8 +222,8 @@ def evaluate_base_novel(
     Base classes are the first ``ceil(n / 2)`` of the split's ``n`` classes, novel the rest. Base
     images are classified among the base classes only, novel images among the novel classes only,
     and every image among all classes. Each image and each class is encoded once: a class's
-    features do not depend on the other classes, so the three settings are column slices of one
-    image x class similarity matrix.
+    features do not depend on the other classes, so the three settings rank the same features through
+    exact FAISS indexes over the base, novel and all classes.
 
     Args:
         clf: the model (moved to ``device`` when it has a ``to`` method; evaluated in eval mode).
@@ -244,16 +253,15 @@ def evaluate_base_novel(
         with torch.no_grad():
             image_feats, labels = _encode_split(clf, split, device, batch_size)
             if labels.numel() and num_classes:
-                class_feats = F.normalize(clf.class_features(list(split.classnames)).float(), dim=-1)
-                logits = image_feats @ class_feats.cpu().T
+                class_feats = F.normalize(clf.class_features(list(split.classnames)).float(), dim=-1).cpu()
             else:
-                logits = torch.empty(labels.numel(), num_classes)
+                class_feats = torch.empty(num_classes, 0)
     finally:
         if isinstance(clf, nn.Module) and was_training is not None:
             clf.train(was_training)
-    base_acc, n_base = _subset_accuracy(logits, labels, base)
-    novel_acc, n_novel = _subset_accuracy(logits, labels, novel)
-    all_acc, n_all = _subset_accuracy(logits, labels, list(range(num_classes)))
+    base_acc, n_base = _subset_accuracy(image_feats, class_feats, labels, base)
+    novel_acc, n_novel = _subset_accuracy(image_feats, class_feats, labels, novel)
+    all_acc, n_all = _subset_accuracy(image_feats, class_feats, labels, list(range(num_classes)))
     return {
         "model": clf.name,
         "split": split.name,

@@ -305,7 +305,7 @@ def test_project_install_matches_pyproject_and_makefile() -> None:
     pins_line = re.search(r"^TORCH_PINS\s*\?=\s*(.+)$", makefile, flags=re.M)
     assert pins_line, "Makefile has no TORCH_PINS"
     pins = dict(p.split("==") for p in pins_line.group(1).split())
-    wanted = {"kdprompt-train": {"onnx"}, "kdprompt-serve": {"serve", "onnx"}}
+    wanted = {"kdprompt-train": {"onnx", "gpu"}, "kdprompt-serve": {"serve", "onnx"}}
     for image, name in IMAGES.items():
         runs = " ".join(args for kw, args in instructions(DOCKER / name) if kw == "RUN")
         named = re.findall(r"pip install[^&;]*?'\.?/?\[([\w,-]+)\]'", runs)
@@ -316,6 +316,12 @@ def test_project_install_matches_pyproject_and_makefile() -> None:
         assert dict(re.findall(r"\b(torch|torchvision)==([\w.+]+)", runs)) == pins, (
             f"{name}: torch pins differ from the Makefile's TORCH_PINS {pins}"
         )
+    train_runs = " ".join(a for kw, a in instructions(DOCKER / "train.Dockerfile") if kw == "RUN")
+    # faiss-gpu and faiss-cpu share the `faiss` package: the GPU build must be the one left installed.
+    assert re.search(
+        r"pip uninstall -y faiss-cpu\s*&&\s*pip install --no-deps --force-reinstall faiss-gpu==", train_runs
+    )
+    assert any(dep.startswith("faiss-gpu") for dep in project["project"]["optional-dependencies"]["gpu"])
     serve_runs = " ".join(a for kw, a in instructions(DOCKER / "serve.Dockerfile") if kw == "RUN")
     assert "--index-url https://download.pytorch.org/whl/cpu" in serve_runs, "serve image: CPU wheels"
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 import click
 
 from kdprompt.cli.benchmarks import bench
+from kdprompt.cli.clipkd import clipkd
 from kdprompt.cli.data import cache, shards
 from kdprompt.cli.demo import demo
 from kdprompt.cli.deployment import export_command, predict_command, serve_command
 from kdprompt.cli.evaluation import eval_command
 from kdprompt.cli.options import CONTEXT_SETTINGS
+from kdprompt.cli.teacher_outputs import teacher_outputs
 from kdprompt.cli.training import distill, pretrain, recipes, teacher
 from kdprompt.version import __version__
 
@@ -30,6 +32,7 @@ def main() -> None:
       kdprompt teacher RECIPE    prompt-learn a teacher (PromptSRC / MaPLe), cache its class features
       kdprompt cache TEACHER     text-feature cache for another class list, no retraining
       kdprompt distill RECIPE    distill a compact student on unlabelled shards
+      kdprompt clipkd RECIPE     CLIP-KD: distill a whole student CLIP on image-text shards
       kdprompt eval ...          base / novel / HM accuracy of zero-shot CLIPs, teachers, students, bundles
       kdprompt export RUN OUT    ship a distilled student as a bundle (safetensors, cache, optional ONNX)
       kdprompt predict BUNDLE X  classify images with a bundle (table or JSON lines)
@@ -47,6 +50,8 @@ main.add_command(recipes, "recipes")
 main.add_command(pretrain, "pretrain")
 main.add_command(teacher, "teacher")
 main.add_command(distill, "distill")
+main.add_command(teacher_outputs, "teacher-outputs")
+main.add_command(clipkd, "clipkd")
 main.add_command(cache, "cache")
 main.add_command(shards, "shards")
 main.add_command(eval_command, "eval")

@@ -22,22 +22,150 @@ def bench() -> None:
     """Benchmarks that print figures (images/s, classes per batch), for the notes of a change."""
 
 
+def _names(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _sizes(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
+    try:
+        sizes = [int(v) for v in _names(value)]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise click.BadParameter(f"{value!r}: give positive integers separated by commas, e.g. 8,64")
+    return sizes
+
+
 @bench.command("distill", context_settings=CONTEXT_SETTINGS)
 @recipe_arguments(dry_run=False)
 @click.option("--steps", type=click.IntRange(1), default=20, show_default=True, help="Timed steps per loop.")
+@click.option(
+    "--warmup", type=click.IntRange(1), default=3, show_default=True, help="Untimed steps per loop first."
+)
+@click.option(
+    "--real-size",
+    is_flag=True,
+    help="Randomly initialised real architectures side by side (see below) instead of RECIPE's run.",
+)
+@click.option(
+    "--teacher-recipe",
+    default="base2novel/oxford_pets/promptsrc-vit-l-14",
+    show_default=True,
+    help="--real-size: the teacher recipe whose model and prompt method build the teacher.",
+)
+@click.option(
+    "--teacher-set",
+    "teacher_overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="--real-size: an override of the teacher recipe (repeatable), e.g. model.name=kd-tiny-teacher.",
+)
+@click.option(
+    "--batch-sizes",
+    default="8,64",
+    show_default=True,
+    callback=_sizes,
+    help="--real-size: batch sizes, comma-separated.",
+)
+@click.option(
+    "--students",
+    default="prompts,full",
+    show_default=True,
+    help="--real-size: student adaptations, comma-separated (prompts: PromptKD's; full).",
+)
+@click.option(
+    "--modes",
+    default="promptkd,online,cached",
+    show_default=True,
+    help="--real-size: loops, comma-separated (promptkd, online, cached).",
+)
+@click.option(
+    "--classes", type=click.IntRange(1), default=37, show_default=True, help="--real-size: class prompts."
+)
+@click.option(
+    "--decode-images",
+    type=click.IntRange(1),
+    default=256,
+    show_default=True,
+    help="--real-size: JPEGs decoded to time the loader.",
+)
+@click.option("--device", default="auto", show_default=True, help="--real-size: cpu, cuda, cuda:N or auto.")
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the figures to this JSON file.",
+)
 @user_errors
-def bench_distill_command(recipe: str, overrides: tuple[str, ...], steps: int) -> None:
+def bench_distill_command(
+    recipe: str,
+    overrides: tuple[str, ...],
+    steps: int,
+    warmup: int,
+    real_size: bool,
+    teacher_recipe: str,
+    teacher_overrides: tuple[str, ...],
+    batch_sizes: list[int],
+    students: str,
+    modes: str,
+    classes: int,
+    decode_images: int,
+    device: str,
+    json_path: Path | None,
+) -> None:
     """Distill-step throughput: cached teacher text features vs re-encoding them every batch.
 
     RECIPE is a distill recipe (its teacher, cache, student and data); the second loop re-encodes the
     teacher's class texts per batch as the PromptKD reference does. Prints images/s and the ratio.
+
+    With --real-size nothing is read but the recipes: the teacher (--teacher-recipe, PromptKD's PromptSRC
+    ViT-L-14 by default) and RECIPE's student, with its own adaptation and with full adaptation, are
+    built with random weights, and for each batch size, student and loop (promptkd: class texts
+    re-encoded every batch; online: cached text features, the teacher's image tower every step;
+    cached: teacher image features read, not computed) it prints a Markdown table of images/s, the
+    milliseconds of each phase of a step (data, text, teacher, student forward+backward, optimiser),
+    the student's FLOP/s as a share of a matmul's measured here, and how many times over JPEG
+    decoding in train.num_workers loader workers keeps up. RECIPE's train.mixed_precision,
+    allow_tf32, channels_last, compile, num_workers and pin_memory apply (override them as usual).
+    On a CPU a ViT-L-14 step takes tens of seconds: use --batch-sizes 8 --steps 2 --warmup 1.
+
+    \b
+    Examples:
+      kdprompt bench distill base2novel/oxford_pets/distill-vit-b-16 --real-size
+      kdprompt bench distill base2novel/oxford_pets/distill-vit-b-16 --real-size --batch-sizes 8 \\
+          --steps 2 --warmup 1 --json bench.json train.compile=true
     """
-    from kdprompt.apps.bench import bench_distill
     from kdprompt.config.distill import DistillRecipe
     from kdprompt.config.loading import load_recipe
 
-    figures = bench_distill(load_recipe(DistillRecipe, recipe, overrides), steps=steps)
-    click.echo(json.dumps(figures, indent=2))
+    distill = load_recipe(DistillRecipe, recipe, overrides)
+    if real_size:
+        from kdprompt.apps.bench_real_size import bench_real_size, real_size_table
+        from kdprompt.config.teacher import TeacherRecipe
+
+        figures = bench_real_size(
+            distill,
+            load_recipe(TeacherRecipe, teacher_recipe, teacher_overrides),
+            batch_sizes=batch_sizes,
+            students=_names(students),
+            modes=_names(modes),
+            steps=steps,
+            warmup=warmup,
+            classes=classes,
+            device=resolve_device(device),
+            decode_images=decode_images,
+        )
+        click.echo(real_size_table(figures))
+    else:
+        from kdprompt.apps.bench import bench_distill
+
+        figures = bench_distill(distill, steps=steps, warmup=warmup)
+        click.echo(json.dumps(figures, indent=2))
+    if json_path is not None:
+        from kdprompt.io import write_json_atomic
+
+        write_json_atomic(json_path, figures)
 
 
 @bench.command("mixing", context_settings=CONTEXT_SETTINGS)

@@ -99,15 +99,19 @@ def shards(
     help="Cache directory to write (default: cache/<teacher run name>-<classes file stem>).",
 )
 @click.option("--device", default="cpu", show_default=True, help="Device to encode the class names on.")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace the --out directory if it is already a text-feature cache."
+)
 @user_errors
-def cache(teacher_dir: Path, classes_file: Path, out: Path | None, device: str) -> None:
+def cache(teacher_dir: Path, classes_file: Path, out: Path | None, device: str, overwrite: bool) -> None:
     """Build a text-feature cache for any class list from a trained TEACHER, without retraining.
 
     TEACHER is a teacher directory (runs/<name>/teacher). The cache holds the teacher's prompted class
     text features (text_features.safetensors), a FAISS index and a manifest with the teacher's
-    fingerprint; students and bundles classify with it alone.
+    fingerprint; students and bundles classify with it alone. An existing cache at --out is replaced
+    only with --overwrite; a folder that is not a cache never is.
     """
     from kdprompt.text_features.teacher import write_cache_for_teacher
 
-    written, count = write_cache_for_teacher(teacher_dir, classes_file, out, device)
+    written, count = write_cache_for_teacher(teacher_dir, classes_file, out, device, overwrite)
     click.echo(f"cache of {count} classes written to {written}")

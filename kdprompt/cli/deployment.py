@@ -191,6 +191,23 @@ def mib(value: float) -> int:
     help="Size of one request body at most (larger ones answer 413).",
 )
 @click.option(
+    "--max-request-megapixels",
+    type=click.FloatRange(min=0, min_open=True),
+    default=128.0,
+    show_default=True,
+    help="Decoded pixels of all the images of one request at most, in millions (more answer 413 before "
+    "any is decoded). Large JPEGs count at the reduced size they are decoded at (about twice the "
+    "model's input size).",
+)
+@click.option(
+    "--body-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Seconds for a request's whole body to arrive; a slower or half-sent one answers 408 and its "
+    "connection is closed.",
+)
+@click.option(
     "--max-queue",
     type=click.IntRange(min=1),
     default=1024,
@@ -224,6 +241,8 @@ def serve_command(
     max_image_mb: float,
     max_images: int,
     max_request_mb: float,
+    max_request_megapixels: float,
+    body_timeout: float,
     max_queue: int,
     k: int,
     log_level: str,
@@ -241,7 +260,9 @@ def serve_command(
 
     Bad input (not an image, empty, too large, unknown field, malformed JSON) answers a 4xx with
     {"detail": "..."}; images of concurrent requests are classified in shared batches; when more than
-    --max-queue images wait, requests answer 503 with Retry-After instead of queueing.
+    --max-queue images wait, requests answer 503 with Retry-After instead of queueing. A body that has
+    not all arrived within --body-timeout answers 408; a request whose client hangs up is dropped
+    before it reaches the model (one INFO line in the log).
 
     \b
     Examples:
@@ -264,6 +285,8 @@ def serve_command(
         max_image_bytes=mib(max_image_mb),
         max_images=max_images,
         max_request_bytes=mib(max_request_mb),
+        max_request_pixels=max(1, int(max_request_megapixels * 1e6)),
+        body_timeout=body_timeout,
         max_queue=max_queue,
         default_k=k,
     )

@@ -13,11 +13,12 @@ from kdprompt.errors import KdpromptError
 
 def training_loops() -> dict[str, Callable[[Any], Any]]:
     """The run function of each recipe kind (the one place naming the training loop modules)."""
+    from kdprompt.train.clipkd_loop import run_clipkd
     from kdprompt.train.distill_loop import run_distill
     from kdprompt.train.pretrain_loop import run_pretrain
     from kdprompt.train.teacher_loop import run_teacher
 
-    return {"pretrain": run_pretrain, "teacher": run_teacher, "distill": run_distill}
+    return {"pretrain": run_pretrain, "teacher": run_teacher, "distill": run_distill, "clipkd": run_clipkd}
 
 
 def run_recipe(kind: str, recipe: str, overrides: tuple[str, ...], dry_run: bool) -> None:
@@ -96,7 +97,7 @@ def teacher(recipe: str, overrides: tuple[str, ...], dry_run: bool) -> None:
 
 @recipe_command
 def distill(recipe: str, overrides: tuple[str, ...], dry_run: bool) -> None:
-    """Distill a compact student from a teacher on unlabelled shards (kl, fd, icl, crd objectives).
+    """Distill a compact student from a teacher on unlabelled shards (kl, fd, icl_image, crd_image objectives).
 
     RECIPE is a built-in name (see `kdprompt recipes`) or a YAML file; OVERRIDES are key.sub=value
     pairs, e.g. `student.adaptation=prompts objectives.kl.weight=1000`. The teacher's image features

@@ -57,6 +57,27 @@ class LoopConfig(StrictModel):
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         default="auto", description="auto: bf16 on a GPU that supports it, no on CPU"
     )
+    # Throughput settings (applied by kdprompt.train.runtime.apply_throughput_settings): they change how
+    # fast a step runs, not what it computes, so they are left out of the recipe fingerprint.
+    pin_memory: Literal["auto"] | bool = Field(
+        default="auto",
+        description="page-locked loader batches, so host-to-GPU copies overlap compute; auto: on with CUDA; "
+        "no effect on CPU (there, num_workers is what speeds up decoding)",
+    )
+    allow_tf32: bool = Field(
+        default=True,
+        description="TF32 tensor cores for fp32 matmuls and convolutions (Ampere or newer GPUs); no effect on CPU",
+    )
+    channels_last: bool = Field(
+        default=False,
+        description="channels-last memory format for the trained model (CUDA; helps convolutional towers, "
+        "little for ViTs; rarely worth it on CPU)",
+    )
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the trained model (CUDA: faster steps after a compile of a minute or more; "
+        "on CPU the compile time rarely pays off)",
+    )
 
 
 class StreamConfig(LoopConfig):

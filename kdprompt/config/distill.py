@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
 
 from kdprompt.config.base import StrictModel
 from kdprompt.config.common import (
@@ -28,6 +28,24 @@ class DistillTrainConfig(StreamConfig, WarmupCosineConfig):
     epochs: int = Field(default=20, ge=1)
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(default=0.005, gt=0)
+
+
+class TeacherOutputsConfig(StrictModel):
+    """The teacher-output cache (``kdprompt teacher-outputs``): the teacher's image features of V seeded
+    augmented views of every unlabelled image, precomputed once and replayed by distillation."""
+
+    path: Path = Field(description="where `kdprompt teacher-outputs` writes them (manifest.json + parts/)")
+    views: int = Field(default=10, ge=1, description="augmented views stored per image (V)")
+    dtype: Literal["fp16", "bf16", "fp32"] = Field(
+        default="fp16", description="storage dtype of the features"
+    )
+    seed: int = Field(default=0, description="seed of the views' crop boxes and flips")
+    batch_size: int = Field(default=64, ge=1, description="views per teacher forward while precomputing")
+    use: bool = Field(
+        default=True,
+        description="distill reads the stored features instead of running the teacher's image tower "
+        "(false: online teacher; the section then only tells `kdprompt teacher-outputs` where to write)",
+    )
 
 
 class DistillRecipe(StrictModel):
@@ -69,3 +87,17 @@ class DistillRecipe(StrictModel):
     evaluate: bool = Field(
         default=True, description="report base/novel/HM on the teacher's test split at the end"
     )
+    teacher_outputs: TeacherOutputsConfig | None = Field(
+        default=None,
+        description="precomputed teacher image features of seeded views (see docs/TEACHER_CACHE.md); "
+        "null: the teacher encodes every batch",
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_teacher_outputs(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Unset, the section is left out of dumps: recipes without it keep their fingerprints (and
+        # so their checkpoints) from before it existed.
+        data = handler(self)
+        if data.get("teacher_outputs") is None:
+            data.pop("teacher_outputs", None)
+        return data

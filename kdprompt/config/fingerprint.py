@@ -23,7 +23,16 @@ _NON_SEMANTIC_TOP = {
 }
 # ... and the same inside the ``train`` section. Only these two levels: a nested ``name`` (the model's,
 # the prompt method's) is what the run computes with.
-_NON_SEMANTIC_TRAIN = {"stop_after_steps", "log_every", "num_workers"}
+_NON_SEMANTIC_TRAIN = {
+    "stop_after_steps",
+    "log_every",
+    "num_workers",
+    # throughput settings: how fast a step runs (TF32 and compile change rounding only)
+    "pin_memory",
+    "allow_tf32",
+    "channels_last",
+    "compile",
+}
 
 
 def _semantic(data: dict[str, Any]) -> dict[str, Any]:

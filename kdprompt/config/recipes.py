@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from kdprompt.config.base import StrictModel
+from kdprompt.config.clipkd import ClipKDRecipe
 from kdprompt.config.distill import DistillRecipe
 from kdprompt.config.pretrain import PretrainRecipe
 from kdprompt.config.teacher import TeacherRecipe
@@ -12,6 +13,7 @@ RECIPE_MODELS: dict[str, type[StrictModel]] = {
     "pretrain": PretrainRecipe,
     "teacher": TeacherRecipe,
     "distill": DistillRecipe,
+    "clipkd": ClipKDRecipe,
 }
 
 

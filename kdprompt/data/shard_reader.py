@@ -10,15 +10,20 @@ import json
 import logging
 import os
 import random
+import tarfile
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
+from typing import Any
 
 import torch
 import webdataset as wds
 from PIL import Image
+from webdataset.gopen import gopen
+from webdataset.tariterators import base_plus_ext, group_by_keys
 
-from kdprompt.data.shard_format import DECODE_ERRORS, IMAGE_KEYS
+from kdprompt.data.shard_format import DECODE_ERRORS, END_OF_ARCHIVE, IMAGE_KEYS, META_MEMBER
 from kdprompt.data.shard_urls import expand_urls
 from kdprompt.errors import KdpromptError
 
@@ -66,9 +71,106 @@ def round_robin(streams: Iterator[Iterator[dict]], width: int) -> Iterator[dict]
 
 
 def skip_unreadable_shard(exn: Exception) -> bool:
-    # A shard that cannot be opened or is truncated: log it and go on with the next one.
+    # A shard that cannot be opened, or a member webdataset cannot group: log it and go on.
     logger.warning("skipping unreadable shard data: %r", exn)
     return True
+
+
+CUT = "__cut__"
+"""Marks a sample that a shard cut short ends in (its members may be missing): decoded as corrupt."""
+WORKER_ERROR = "__worker_error__"  # the item a data-loader worker sends instead of raising a user error
+_READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
+
+
+class _TailReader:
+    """A read-only stream that remembers the last bytes read, to tell a whole tar from a cut one."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.tail = b""
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.tail = (self.tail + data[-len(END_OF_ARCHIVE) :])[-len(END_OF_ARCHIVE) :]
+        return data
+
+    def ends_whole(self) -> bool:
+        """Read to the end; whether the stream ended with a tar's end-of-archive blocks."""
+        while self.read(1 << 16):
+            pass
+        return self.tail == END_OF_ARCHIVE
+
+
+def _members(tar: tarfile.TarFile, url: str, cut: list[str | None]) -> Iterator[dict]:
+    """The files of an open tar stream as webdataset's file dicts; a read error ends them and records,
+    in ``cut``, the name of the member being read (None between members)."""
+    name: str | None = None
+    try:
+        for info in tar:
+            name = info.name
+            if info.isreg() and not META_MEMBER.match(name):
+                member = tar.extractfile(info)
+                assert member is not None  # a regular file
+                yield {"fname": name, "data": member.read(), "__url__": url}
+            tar.members = []  # stream mode: forget the headers read, keep memory flat
+            name = None
+    except _READ_ERRORS as exc:
+        cut.append(name)
+        logger.warning("shard %s is cut short (%s)", url, exc)
+
+
+def _one_shard(url: str) -> Iterator[dict]:
+    try:
+        stream = _TailReader(gopen(url))
+    except Exception as exn:  # as broad as webdataset's own opener: any unopenable shard is skipped
+        skip_unreadable_shard(exn)
+        return
+    try:
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r|*")  # noqa: SIM115 (its stream is closed below)
+        except _READ_ERRORS as exn:
+            skip_unreadable_shard(exn)
+            return
+        cut: list[str | None] = []
+        last: dict | None = None
+        for sample in group_by_keys(_members(tar, url, cut), handler=skip_unreadable_shard):
+            if last is not None:
+                yield last
+            last = sample
+        # A compressed tar cut short fails to decompress instead (a read error above).
+        plain = getattr(tar.fileobj, "comptype", "tar") == "tar"
+        if not cut and plain and not stream.ends_whole():
+            logger.warning("shard %s is cut short (no end-of-archive blocks)", url)
+            cut.append(None)
+        if cut:
+            # The sample the cut fell in: the last one read, or (cut before any of its members was
+            # read) one that left nothing but its member's name, or nothing at all.
+            key = base_plus_ext(cut[0])[0] if cut[0] is not None else None
+            if last is not None and key in (None, last["__key__"]):
+                last[CUT] = True
+            elif key is not None or last is None:
+                if last is not None:
+                    yield last
+                last = {"__key__": key or "?", "__url__": url, CUT: True}
+        if last is not None:
+            yield last
+    finally:
+        try:
+            stream.stream.close()
+        except OSError as exn:  # a pipe: its command's exit status
+            skip_unreadable_shard(exn)
+
+
+def shard_samples(urls: Iterable[str]) -> Iterator[dict]:
+    """Raw webdataset samples (members grouped by key) of the shards ``urls``, one shard after another.
+
+    Unlike ``webdataset.tarfile_samples``, no sample of a shard cut short (a killed write, a partial
+    download) is lost unseen: the one the cut falls in is yielded marked :data:`CUT`, and
+    :func:`decode_sample` rejects it, so readers skip it and count it as corrupt. A shard that cannot
+    be opened at all is skipped with a warning.
+    """
+    for url in urls:
+        yield from _one_shard(url)
 
 
 def _parse_label(sample: dict) -> int:
@@ -84,6 +186,8 @@ def _parse_label(sample: dict) -> int:
 
 def decode_sample(sample: dict) -> tuple[Image.Image, int, str]:
     """Decode one raw webdataset sample to (RGB image, label, text); raises on any defect."""
+    if sample.get(CUT):
+        raise ValueError("the shard is cut short inside this sample")
     key = next((k for k in IMAGE_KEYS if k in sample), None)
     if key is None:
         raise ValueError(f"no image member (looked for {', '.join(IMAGE_KEYS)})")
@@ -147,7 +251,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
         """
 
         def read(urls: Iterable[str]) -> Iterator[dict]:
-            return wds.tarfile_samples(({"url": u} for u in urls), handler=skip_unreadable_shard)
+            return shard_samples(urls)
 
         def interleaved(urls: Iterable[str]) -> Iterator[dict]:
             return round_robin((read([u]) for u in urls), self.interleave)
@@ -196,6 +300,18 @@ class _ShardStream(torch.utils.data.IterableDataset):
     # -- sample and batch level --------------------------------------------------------------
 
     def __iter__(self) -> Iterator[dict]:
+        if torch.utils.data.get_worker_info() is None:
+            yield from self._batches()
+            return
+        try:
+            yield from self._batches()
+        except KdpromptError as exc:
+            # Raised here, torch would re-raise it in the main process with this worker's whole
+            # traceback in its message; pass the one-line message on instead (traceback: debug log).
+            logger.debug("data-loader worker failed", exc_info=True)
+            yield {WORKER_ERROR: str(exc)}
+
+    def _batches(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         quota: int | None = None
@@ -238,7 +354,10 @@ class _ShardStream(torch.utils.data.IterableDataset):
                 corrupt += 1
                 logger.warning("skipping corrupt sample %s in shard %s: %s", key, url, exc)
                 continue
-            items.append((self.transform(img), label, text, key, url))
+            # A keyed transform (kdprompt.teacher_outputs.replay) replays a stored view of this sample.
+            keyed = getattr(self.transform, "keyed", False)
+            view = self.transform(img, key=key, url=url, epoch=self.epoch) if keyed else self.transform(img)
+            items.append((view, label, text, key, url))
             if len(items) == self.batch_size:
                 yield collate()
                 emitted += 1
@@ -263,9 +382,10 @@ class ShardLoader:
         batches_per_epoch: exact batches per iteration on every rank, or None (one pass / infinite).
     """
 
-    def __init__(self, stream: _ShardStream, num_workers: int) -> None:
+    def __init__(self, stream: _ShardStream, num_workers: int, pin_memory: bool = False) -> None:
         self._stream = stream
         self.num_workers = num_workers
+        self.pin_memory = pin_memory
 
     @property
     def urls(self) -> list[str]:
@@ -281,10 +401,28 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[dict]:
         if self.num_workers == 0:
+            if self.pin_memory:
+                return (
+                    {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()}
+                    for b in self._stream
+                )
             return iter(self._stream)
         # batch_size=None: the stream already yields collated batches (and their corrupt counts).
-        loader = wds.WebLoader(self._stream, batch_size=None, num_workers=self.num_workers, shuffle=False)
-        return iter(loader)
+        loader = wds.WebLoader(
+            self._stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            shuffle=False,
+            pin_memory=self.pin_memory,
+        )
+        return _raise_worker_errors(iter(loader))
+
+
+def _raise_worker_errors(batches: Iterator[dict]) -> Iterator[dict]:
+    for batch in batches:
+        if WORKER_ERROR in batch:
+            raise KdpromptError(batch[WORKER_ERROR])
+        yield batch
 
 
 def make_loader(
@@ -299,6 +437,7 @@ def make_loader(
     resampled: bool = False,
     batches_per_epoch: int | None = None,
     num_workers: int = 0,
+    pin_memory: bool = False,
     rank: int | None = None,
     world_size: int | None = None,
     drop_last: bool = True,
@@ -328,6 +467,7 @@ def make_loader(
         batches_per_epoch: if given, every rank yields exactly this many batches per iteration,
             repeating its shards as needed (see :func:`batches_per_epoch_for`).
         num_workers: DataLoader worker processes (0 = in-process).
+        pin_memory: page-lock each batch's tensors (needs CUDA), so copies to the GPU can overlap compute.
         rank: this process's rank; default from torch.distributed, else RANK, else 0.
         world_size: number of ranks; default from torch.distributed, else WORLD_SIZE, else 1.
         drop_last: drop the last partial batch of each worker.
@@ -368,14 +508,16 @@ def make_loader(
         world_size=world_size,
         drop_last=drop_last,
     )
-    return ShardLoader(stream, num_workers)
+    return ShardLoader(stream, num_workers, pin_memory)
 
 
 __all__ = [
+    "CUT",
     "ShardLoader",
     "batches_per_epoch_for",
     "decode_sample",
     "make_loader",
     "round_robin",
+    "shard_samples",
     "skip_unreadable_shard",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import io
 import json
+import logging
 import os
 import random
 import re
@@ -17,14 +18,24 @@ from typing import Any, Literal
 import webdataset as wds
 from PIL import Image
 
+from kdprompt.data.folder_lock import folder_lock, remove_stale_temporaries
 from kdprompt.data.shard_format import CLASSNAMES_FILE, DECODE_ERRORS, SHOW_SHARDS, SIZES_FILE
+from kdprompt.data.shard_urls import load_sizes_file
 from kdprompt.data.types import Sample, Split
 from kdprompt.errors import KdpromptError
+from kdprompt.faults import crash_point
 from kdprompt.io import write_json_atomic
+
+logger = logging.getLogger(__name__)
 
 _PIL_FORMAT = {"jpg": "JPEG", "png": "PNG"}
 _KEEP_MODES = {"jpg": {"RGB", "L"}, "png": {"RGB", "RGBA", "L", "LA", "P"}}
 _MAX_KEY_TAIL = 64  # keeps "<index>_<tail>.json" well under the 100-character ustar name limit
+# A write's temporary folder: ".<prefix>-shards.<8 random chars>.tmp" (tempfile.mkdtemp), holding
+# its tars and, once they are all written, its commit record.
+_TMP_TAG = "-shards"
+_TMP_NAME = re.compile(rf"\.[A-Za-z0-9_.-]+{_TMP_TAG}\.[a-z0-9_]{{8}}\.tmp")
+_COMMIT_FILE = "commit.json"
 
 
 def _safe_key(index: int, key: str) -> str:
@@ -87,7 +98,9 @@ def write_shards(
     Each sample becomes members ``<ext>`` (the image, re-encoded unless already ``image_format``),
     ``cls`` (label), ``txt`` (caption, when present) and ``json`` (key, label, classname, caption).
     Shards are written into a temporary folder and moved into place only when all succeeded;
-    ``sizes.json`` (merged with other prefixes) and ``classnames.json`` are updated atomically.
+    ``sizes.json`` (merged with other prefixes) and ``classnames.json`` are updated atomically. One
+    writer at a time holds the folder's lock; a write killed before all its shards were written is
+    discarded by the next one, a write killed after is finished by it (:func:`recover_shard_writes`).
 
     CoOp's splits list their images class by class; written in that order, each shard holds a few
     classes and a streaming reader's shuffle buffer cannot make batches i.i.d. ``shuffle_seed`` writes
@@ -110,7 +123,7 @@ def write_shards(
 
     Raises:
         KdpromptError: existing shards without ``overwrite``, an undecodable image, an empty split,
-            or class names conflicting with other shards in ``out_dir``.
+            an invalid ``sizes.json``, or class names conflicting with other shards in ``out_dir``.
     """
     prefix = prefix or split.name
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", prefix):
@@ -123,84 +136,162 @@ def write_shards(
         raise KdpromptError(f"split {split.name!r} has no samples; nothing to write to {out_dir}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    existing = sorted(out_dir.glob(_shard_glob(prefix)))
-    if existing and not overwrite:
-        names = ", ".join(p.name for p in existing[:SHOW_SHARDS])
-        more = f" and {len(existing) - SHOW_SHARDS} more" if len(existing) > SHOW_SHARDS else ""
-        raise KdpromptError(
-            f"{out_dir} already holds {len(existing)} shard(s) with prefix {prefix!r}: {names}{more}; "
-            "pass overwrite=True (--overwrite) to replace them, or choose another prefix/folder"
-        )
-    own = re.compile(re.escape(prefix) + r"-\d{6}\.tar")
-    sizes_path = out_dir / SIZES_FILE
-    old_sizes: dict[str, int] = _read_json(sizes_path, "shard sizes") if sizes_path.exists() else {}
-    others = {k: v for k, v in old_sizes.items() if not own.fullmatch(k)}
-    names_path = out_dir / CLASSNAMES_FILE
-    if others and names_path.exists():
-        # Other prefixes' labels index classnames.json: silently replacing it would relabel them.
-        old_names = _read_json(names_path, "class names")
-        if old_names != list(split.classnames):
+    with folder_lock(out_dir):
+        # We hold the folder's lock, so no live writer owns a temporary in it: they are all stale.
+        finished = recover_shard_writes(out_dir)
+        existing = sorted(out_dir.glob(_shard_glob(prefix)))
+        if existing and not overwrite:
+            names = ", ".join(p.name for p in existing[:SHOW_SHARDS])
+            more = f" and {len(existing) - SHOW_SHARDS} more" if len(existing) > SHOW_SHARDS else ""
+            how = "finished an interrupted earlier write: " if prefix in finished else ""
             raise KdpromptError(
-                f"{names_path} lists different class names than split {split.name!r}, and shards "
-                f"{', '.join(sorted(others)[:SHOW_SHARDS])} rely on it; write to another folder"
+                f"{how}{out_dir} already holds {len(existing)} shard(s) with prefix {prefix!r}: {names}{more}; "
+                "pass overwrite=True (--overwrite) to replace them, or choose another prefix/folder"
             )
+        sizes_path = out_dir / SIZES_FILE
+        others = {k: v for k, v in _sizes(sizes_path).items() if not _own(prefix).fullmatch(k)}
+        names_path = out_dir / CLASSNAMES_FILE
+        if others and names_path.exists():
+            # Other prefixes' labels index classnames.json: silently replacing it would relabel them.
+            old_names = _read_json(names_path, "class names")
+            if old_names != list(split.classnames):
+                raise KdpromptError(
+                    f"{names_path} lists different class names than split {split.name!r}, and shards "
+                    f"{', '.join(sorted(others)[:SHOW_SHARDS])} rely on it; write to another folder"
+                )
 
-    samples: Iterable[Sample] = split.samples
-    if shuffle_seed is not None:
-        order = list(range(len(split)))
-        random.Random(shuffle_seed).shuffle(order)
-        samples = [split.samples[i] for i in order]
-    if progress:
-        from tqdm import tqdm
+        samples: Iterable[Sample] = split.samples
+        if shuffle_seed is not None:
+            order = list(range(len(split)))
+            random.Random(shuffle_seed).shuffle(order)
+            samples = [split.samples[i] for i in order]
+        if progress:
+            from tqdm import tqdm
 
-        samples = tqdm(samples, total=len(split), desc=f"shards {prefix}", unit="img")
+            samples = tqdm(samples, total=len(split), desc=f"shards {prefix}", unit="img")
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{prefix}-shards.", suffix=".tmp", dir=out_dir))
-    written: dict[str, int] = {}
-    try:
-        writer: wds.TarWriter | None = None
-        name = ""
+        tmp = Path(tempfile.mkdtemp(prefix=f".{prefix}{_TMP_TAG}.", suffix=".tmp", dir=out_dir))
         try:
-            for i, sample in enumerate(samples):
-                if i % maxcount == 0:
-                    if writer is not None:
-                        writer.close()
-                    name = f"{prefix}-{i // maxcount:06d}.tar"
-                    # fixed mtime: identical input gives byte-identical shards
-                    writer = wds.TarWriter(str(tmp / name), encoder=False, mtime=0.0)
-                    written[name] = 0
-                meta: dict[str, Any] = {
-                    "key": sample.key,
-                    "label": sample.label,
-                    "classname": sample.classname,
-                }
-                member: dict[str, Any] = {
-                    "__key__": _safe_key(i, sample.key),
-                    image_format: _encode_image(sample, image_format, quality),
-                    "cls": str(int(sample.label)).encode("ascii"),
-                }
-                if sample.caption is not None:
-                    member["txt"] = sample.caption.encode("utf-8")
-                    meta["caption"] = sample.caption
-                member["json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
-                assert writer is not None
-                writer.write(member)
-                written[name] += 1
-        finally:
-            if writer is not None:
-                writer.close()
-        # Everything encoded: now replace. Stale shards of this prefix beyond the new count go first.
-        for old in existing:
-            if old.name not in written:
-                old.unlink()
-        for name in written:
-            os.replace(tmp / name, out_dir / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    write_json_atomic(sizes_path, {**others, **written})
-    write_json_atomic(names_path, list(split.classnames))
+            written = _write_tars(samples, tmp, prefix, image_format, maxcount, quality)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        crash_point("shards.tars_written")
+        # The commit point: from here on, a killed write is finished by the next one (see
+        # recover_shard_writes) instead of being thrown away.
+        commit = {
+            "prefix": prefix,
+            "sizes": written,
+            "classnames": list(split.classnames),
+            "remove": [p.name for p in existing if p.name not in written],
+        }
+        write_json_atomic(tmp / _COMMIT_FILE, commit)
+        crash_point("shards.committed")
+        _finish(out_dir, tmp, commit)
     return written
 
 
-__all__ = ["write_shards"]
+def _write_tars(
+    samples: Iterable[Sample], tmp: Path, prefix: str, image_format: str, maxcount: int, quality: int
+) -> dict[str, int]:
+    """Encode ``samples`` as ``{prefix}-NNNNNN.tar`` files in ``tmp``; returns their sample counts."""
+    written: dict[str, int] = {}
+    writer: wds.TarWriter | None = None
+
+    def close() -> None:
+        assert writer is not None
+        writer.close()
+        with (tmp / name).open("rb") as fh:
+            os.fsync(fh.fileno())  # durable before the commit record names it
+        crash_point("shards.tar_written")
+
+    name = ""
+    try:
+        for i, sample in enumerate(samples):
+            if i % maxcount == 0:
+                if writer is not None:
+                    close()
+                name = f"{prefix}-{i // maxcount:06d}.tar"
+                # fixed mtime: identical input gives byte-identical shards
+                writer = wds.TarWriter(str(tmp / name), encoder=False, mtime=0.0)
+                written[name] = 0
+            meta: dict[str, Any] = {
+                "key": sample.key,
+                "label": sample.label,
+                "classname": sample.classname,
+            }
+            member: dict[str, Any] = {
+                "__key__": _safe_key(i, sample.key),
+                image_format: _encode_image(sample, image_format, quality),
+                "cls": str(int(sample.label)).encode("ascii"),
+            }
+            if sample.caption is not None:
+                member["txt"] = sample.caption.encode("utf-8")
+                meta["caption"] = sample.caption
+            member["json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
+            assert writer is not None
+            writer.write(member)
+            written[name] += 1
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        raise
+    if writer is not None:
+        close()
+    return written
+
+
+def _own(prefix: str) -> re.Pattern[str]:
+    return re.compile(re.escape(prefix) + r"-\d{6}\.tar")
+
+
+def _sizes(path: Path) -> dict[str, int]:
+    return load_sizes_file(path) if path.exists() else {}
+
+
+def _finish(out_dir: Path, tmp: Path, commit: dict[str, Any]) -> None:
+    """Move a committed write's shards into place, then update sizes.json and classnames.json.
+
+    Every step can be repeated, so a write killed anywhere in here is finished by running this again.
+    """
+    for name in commit["remove"]:
+        (out_dir / name).unlink(missing_ok=True)
+    for name in commit["sizes"]:
+        if (tmp / name).exists():  # else moved before the crash
+            os.replace(tmp / name, out_dir / name)
+    crash_point("shards.moved")
+    sizes_path = out_dir / SIZES_FILE
+    others = {k: v for k, v in _sizes(sizes_path).items() if not _own(commit["prefix"]).fullmatch(k)}
+    write_json_atomic(sizes_path, {**others, **commit["sizes"]})
+    write_json_atomic(out_dir / CLASSNAMES_FILE, commit["classnames"])
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def recover_shard_writes(out_dir: Path) -> list[str]:
+    """Finish or discard the shard writes a kill interrupted in ``out_dir``; hold its folder lock first.
+
+    A write's temporary folder that holds its commit record is finished (its shards moved into place,
+    sizes.json updated); any other is discarded, with the temporaries of sizes.json and
+    classnames.json. Only names this writer creates are touched.
+
+    Returns:
+        The prefixes whose interrupted writes were finished.
+    """
+    finished: list[str] = []
+    for path in sorted(Path(out_dir).iterdir()):
+        if not (_TMP_NAME.fullmatch(path.name) and path.is_dir()):
+            continue
+        commit_path = path / _COMMIT_FILE
+        commit = _read_json(commit_path, "commit record") if commit_path.is_file() else None
+        if isinstance(commit, dict) and {"prefix", "sizes", "classnames", "remove"} <= commit.keys():
+            logger.warning("finishing the interrupted write of %s shards in %s", commit["prefix"], out_dir)
+            _finish(Path(out_dir), path, commit)
+            finished.append(commit["prefix"])
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+    for name in (SIZES_FILE, CLASSNAMES_FILE):
+        remove_stale_temporaries(Path(out_dir) / name)
+    return finished
+
+
+__all__ = ["recover_shard_writes", "write_shards"]

@@ -11,12 +11,11 @@ import logging
 from pathlib import Path
 from typing import Literal
 
-import webdataset as wds
 from pydantic import Field
 
 from kdprompt.data.classnames import read_classnames_file
 from kdprompt.data.shard_format import CLASSNAMES_FILE, DECODE_ERRORS, IMAGE_KEYS
-from kdprompt.data.shard_reader import decode_sample, skip_unreadable_shard
+from kdprompt.data.shard_reader import decode_sample, shard_samples
 from kdprompt.data.shard_urls import expand_urls, local_path
 from kdprompt.data.source import SOURCES, DataSource
 from kdprompt.data.types import Sample, Split
@@ -44,7 +43,7 @@ def load_shards_split(cfg: ShardsData, split: str) -> Split:
 
     raw: list[tuple[bytes, int, str | None, str, str | None]] = []  # image, label, caption, key, json name
     corrupt = 0
-    for sample in wds.tarfile_samples(({"url": u} for u in urls), handler=skip_unreadable_shard):
+    for sample in shard_samples(urls):
         key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
         try:
             _, label, _ = decode_sample(sample)

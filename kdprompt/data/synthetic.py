@@ -20,11 +20,9 @@ The difficulty knobs are the two :class:`Style` constants :data:`PRETRAIN_STYLE`
 from __future__ import annotations
 
 import colorsys
-import contextlib
 import hashlib
 import json
 import math
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -33,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pydantic import Field
 
+from kdprompt.data.folder_lock import folder_lock, remove_stale_temporaries
 from kdprompt.data.source import SOURCES, DataSource
 from kdprompt.data.splitfile import read_split_file, write_split_file
 from kdprompt.data.types import Sample, Split
@@ -430,23 +429,6 @@ def is_complete(world: Path) -> bool:
     return (Path(world) / "world.json").is_file()
 
 
-@contextlib.contextmanager
-def _build_lock(world: Path) -> Iterator[None]:
-    """Serialise builds of one world across processes (DDP ranks all ask for it at once)."""
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): atomic renames still keep the world consistent
-        yield
-        return
-    world.parent.mkdir(parents=True, exist_ok=True)
-    with open(world.parent / f".{world.name}.lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _build(cfg: SyntheticData, out: Path) -> None:
     """Write the whole world into ``out`` (a fresh directory); world.json last."""
     style = _style(cfg.domain)
@@ -494,9 +476,10 @@ def materialize(cfg: SyntheticData) -> Path:
     world = world_dir(cfg)
     if is_complete(world):
         return world
-    with _build_lock(world):
+    with folder_lock(world):
         if is_complete(world):  # another process built it while we waited
             return world
+        remove_stale_temporaries(world)  # builds killed earlier (we hold the lock: none is live)
         with atomic_path(world) as tmp:
             tmp.mkdir()
             _build(cfg, tmp)

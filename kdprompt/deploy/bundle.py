@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -17,15 +18,17 @@ from kdprompt.data.classnames import prompt_classname
 from kdprompt.deploy.export import (
     CACHE_DIR,
     CONFIG_FILE,
+    DIGEST_KEY,
     ENCODER_FILE,
     FORMAT,
     FORMAT_VERSION,
     MANIFEST_FILE,
     ONNX_FILE,
     PREPROCESS_FILE,
+    manifest_digest,
 )
 from kdprompt.errors import KdpromptError
-from kdprompt.io import file_sha256
+from kdprompt.io import file_sha256, recover_swap
 
 ImageInput = str | Path | bytes | Image.Image | Tensor
 BACKENDS = ("torch", "onnx")
@@ -62,7 +65,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
     """Read and check ``manifest.json`` of the bundle at ``path``.
 
     Raises:
-        KdpromptError: not a bundle, unreadable, another format, or a newer format version.
+        KdpromptError: not a bundle, unreadable, another format, a newer format version, a manifest
+            changed since export (its ``manifest_sha256``), or missing or malformed fields.
     """
     path = Path(path)
     file = path / MANIFEST_FILE
@@ -80,24 +84,104 @@ def read_manifest(path: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise KdpromptError(f"{file} is not a {FORMAT} manifest; re-export the bundle")
     version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise KdpromptError(
+            f"{file}: format_version must be an integer, got {version!r}; re-export the bundle with "
+            "`kdprompt export`"
+        )
+    if version > FORMAT_VERSION:
         raise KdpromptError(
             f"bundle {path} has format version {version}; this kdprompt reads up to {FORMAT_VERSION}: "
             "upgrade kdprompt or re-export the bundle with this version"
         )
+    if manifest.get(DIGEST_KEY) != manifest_digest(manifest):
+        why = "has no" if DIGEST_KEY not in manifest else "does not match its"
+        raise KdpromptError(
+            f"{file} {why} {DIGEST_KEY}: the manifest was edited or damaged after export (or written by an "
+            "older kdprompt) and cannot be trusted; re-export the bundle with `kdprompt export`"
+        )
+    _check_fields(file, manifest)
     return manifest
 
 
+# What the loader reads: each must be listed (with its sha256) so none is served unchecked.
+REQUIRED_FILES = (
+    ENCODER_FILE,
+    CONFIG_FILE,
+    PREPROCESS_FILE,
+    f"{CACHE_DIR}/manifest.json",
+    f"{CACHE_DIR}/text_features.safetensors",
+    f"{CACHE_DIR}/index.faiss",
+)
+
+
+def _check_fields(file: Path, manifest: dict[str, Any]) -> None:
+    """Refuse a manifest missing what loading needs, or listing a file outside the bundle."""
+
+    def bad(field: str, want: str) -> KdpromptError:
+        found = f"got {manifest[field]!r:.80}" if field in manifest else "it is missing"
+        return KdpromptError(
+            f"{file}: {field} must be {want}, {found}; re-export the bundle with `kdprompt export`"
+        )
+
+    model, cache = manifest.get("model"), manifest.get("cache")
+    if not isinstance(model, dict) or not isinstance(model.get("projector"), list):
+        raise bad("model", "an object with a projector list")
+    size = model.get("input_size")
+    if not (isinstance(size, list) and len(size) == 3 and all(isinstance(n, int) and n > 0 for n in size)):
+        raise bad("model", "an object whose input_size is [3, H, W]")
+    if not isinstance(manifest.get("preprocess"), dict):
+        raise bad("preprocess", "an object (open_clip PreprocessCfg)")
+    if not isinstance(cache, dict) or not isinstance(cache.get("teacher_fingerprint"), str):
+        raise bad("cache", "an object with the teacher_fingerprint")
+    scale = manifest.get("logit_scale")
+    if (
+        isinstance(scale, bool)
+        or not isinstance(scale, (int, float))
+        or not math.isfinite(scale)
+        or scale <= 0
+    ):
+        raise bad("logit_scale", "a finite positive number")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise bad("files", "an object mapping every file of the bundle to its sha256")
+    outside = [rel for rel in files if not _inside(rel)]
+    if outside:
+        raise KdpromptError(
+            f"{file}: files lists path(s) outside the bundle ({', '.join(map(repr, outside[:3]))}): only "
+            "relative paths without '..' are allowed; re-export the bundle with `kdprompt export`"
+        )
+    unlisted = [rel for rel in REQUIRED_FILES if rel not in files]
+    if unlisted:
+        raise KdpromptError(
+            f"{file}: files does not list {', '.join(unlisted)}, which loading reads and must check; "
+            "re-export the bundle with `kdprompt export`"
+        )
+
+
+def _inside(rel: str) -> bool:
+    """Whether ``rel`` names a path under the bundle: relative, POSIX, no ``..``."""
+    if not isinstance(rel, str) or not rel or "\\" in rel or "\0" in rel:
+        return False
+    pure = PurePosixPath(rel)
+    return not pure.is_absolute() and ".." not in pure.parts and bool(pure.parts)
+
+
 def verify_files(path: Path, manifest: dict[str, Any]) -> None:
-    """Check every file listed in the manifest exists with its sha256.
+    """Check every file listed in the manifest exists in the bundle with its sha256.
+
+    A listed file that is a link resolving outside the bundle counts as changed: it is never read.
 
     Raises:
         KdpromptError: names the missing or changed files.
     """
+    root = path.resolve()
     missing, changed = [], []
-    for rel, digest in manifest.get("files", {}).items():
+    for rel, digest in manifest["files"].items():
         file = path / rel
-        if not file.is_file():
+        if not file.resolve().is_relative_to(root):
+            changed.append(f"{rel} (a link out of the bundle)")
+        elif not file.is_file():
             missing.append(rel)
         elif file_sha256(file) != digest:
             changed.append(rel)
@@ -111,23 +195,38 @@ def verify_files(path: Path, manifest: dict[str, Any]) -> None:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise KdpromptError(f"{path} is not readable JSON ({e}); re-export the bundle") from e
 
 
-def _build_transform(cfg: dict[str, Any]) -> Callable[[Image.Image], Tensor]:
+def _build_transform(cfg: dict[str, Any], where: Path) -> Callable[[Image.Image], Tensor]:
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
-    cfg = {**cfg, "size": tuple(cfg["size"]), "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
-    return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+    try:
+        cfg = {**cfg, "size": tuple(cfg["size"]), "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
+        return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+    except (KeyError, TypeError, ValueError) as e:
+        raise KdpromptError(
+            f"{where / MANIFEST_FILE}: preprocess is not a valid open_clip PreprocessCfg "
+            f"({type(e).__name__}: {e}); re-export the bundle with `kdprompt export`"
+        ) from None
 
 
 def _load_torch_encoder(path: Path, manifest: dict[str, Any]) -> torch.nn.Module:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from kdprompt.deploy.encoder import ImageEncoder, build_projector, build_visual
 
     model = manifest["model"]
-    state = load_file(str(path / ENCODER_FILE))
+    try:
+        state = load_file(str(path / ENCODER_FILE))
+    except (SafetensorError, OSError) as e:
+        raise KdpromptError(
+            f"{path / ENCODER_FILE} is not a readable safetensors file ({e}); re-export it"
+        ) from e
     visual = build_visual(_read_json(path / CONFIG_FILE))
     prompts = state.get("prompts")
     encoder = ImageEncoder(visual, build_projector(model["projector"]), prompts)
@@ -164,7 +263,7 @@ class Bundle:
         self.encoder = encoder
         self.cache = cache
         self.device = device
-        self.transform = _build_transform(manifest["preprocess"])
+        self.transform = _build_transform(manifest["preprocess"], self.path)
         self.name = f"bundle {manifest.get('name') or self.path.name}"
         self._text = cache.features.to(device)
 
@@ -327,6 +426,8 @@ def load_bundle(
     from kdprompt.text_features import load_cache
 
     path = Path(path)
+    # An export killed between its two renames left the previous bundle aside as .NAME.old.
+    recover_swap(path)
     manifest = read_manifest(path)
     if backend not in BACKENDS:
         raise KdpromptError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -338,7 +439,7 @@ def load_bundle(
     cache = load_cache(path / CACHE_DIR, expect_fingerprint=manifest["cache"]["teacher_fingerprint"])
     device = torch.device(device)
     if backend == "onnx":
-        if not (path / ONNX_FILE).is_file():
+        if not (path / ONNX_FILE).is_file() or ONNX_FILE not in manifest["files"]:
             raise KdpromptError(
                 f"bundle {path} has no {ONNX_FILE}; re-export it with `kdprompt export RUN OUT --onnx`"
             )

@@ -295,8 +295,9 @@ def _create_architecture(name: str, spec: ModelSpec, device: str | torch.device)
     if not _is_local_weights(pretrained) and pretrained in open_clip.list_pretrained_tags_by_model(name):
         tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
         forced["force_quick_gelu"] = bool(tag_cfg.get("quick_gelu", False))
+        # create_model_and_transforms builds force_preprocess_cfg itself, from these image_* arguments.
         keys = ("mean", "std", "interpolation", "resize_mode")
-        forced["force_preprocess_cfg"] = {k: tag_cfg[k] for k in keys if k in tag_cfg}
+        forced.update({f"image_{k}": tag_cfg[k] for k in keys if k in tag_cfg})
     with _no_random_init_warning():
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             name, pretrained=None, precision=spec.precision, device=device, **forced

@@ -184,6 +184,28 @@ def save_teacher(
     return fingerprint
 
 
+TEACHER_FIELDS = ("fingerprint", "model", "method", "classnames", "all_classnames")
+
+
+def read_teacher_json(file: Path) -> dict[str, Any]:
+    """Read a ``teacher.json`` as a JSON object.
+
+    Raises:
+        KdpromptError: unreadable, not JSON, or not an object (names the file and the fix).
+    """
+    try:
+        meta = json.loads(Path(file).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # ValueError covers JSONDecodeError and UnicodeDecodeError
+        raise KdpromptError(
+            f"{file} is not readable JSON ({err}); restore it or retrain the teacher with `kdprompt teacher RECIPE`"
+        ) from None
+    if not isinstance(meta, dict):
+        raise KdpromptError(
+            f"{file} is not a JSON object; restore it or retrain the teacher with `kdprompt teacher RECIPE`"
+        )
+    return meta
+
+
 def load_teacher(path: Path, device: str | torch.device = "cpu") -> Teacher:
     """Rebuild a teacher from ``runs/<name>/teacher/`` (checks its fingerprint and base weights)."""
     from kdprompt.data.sources import DataConfig
@@ -195,7 +217,13 @@ def load_teacher(path: Path, device: str | torch.device = "cpu") -> Teacher:
             raise KdpromptError(
                 f"{path} is not a teacher directory: {needed.name} is missing; train one with `kdprompt teacher RECIPE`"
             )
-    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    meta = read_teacher_json(meta_file)
+    missing = [k for k in TEACHER_FIELDS if k not in meta]
+    if missing or not isinstance(meta["model"], dict) or not isinstance(meta["model"].get("name"), str):
+        raise KdpromptError(
+            f"{meta_file} lacks or has malformed field(s) {', '.join(missing) or 'model'}; "
+            "restore it or retrain the teacher with `kdprompt teacher RECIPE`"
+        )
     identity = meta["model"]
     spec = ModelSpec(**{k: identity[k] for k in ("name", "pretrained", "precision") if k in identity})
     found = model_identity(spec)

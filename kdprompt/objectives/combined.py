@@ -6,39 +6,61 @@ from collections.abc import Mapping
 from typing import Annotated, Any
 
 import torch
-from pydantic import PlainValidator, SerializeAsAny
+from pydantic import BaseModel, PlainValidator, SerializeAsAny
 from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError
 from torch import Tensor, nn
 
 from kdprompt.config.base import RegisteredBy, config_model
 from kdprompt.errors import KdpromptError
 from kdprompt.objectives.base import OBJECTIVES, DistillBatch, ObjectiveConfig
+from kdprompt.registry import Registry
 
 _ENTRY = RegisteredBy(lambda: OBJECTIVES, tag=None)
 
+RENAMED: dict[str, str] = {"icl": "icl_image", "crd": "crd_image"}
+"""Old ``kdprompt distill`` objective names -> their names since CLIP-KD's own ``icl``/``crd`` arrived."""
 
-def validate_objectives(value: Any) -> dict[str, ObjectiveConfig]:
-    """``objectives:`` as given (name -> settings, ``null`` to leave one out) -> name -> its validated config.
 
-    Each entry is validated by its registered objective's own ``Config``; errors keep their dotted path
-    (``objectives.kl.temperature``).
+def validate_named_configs(
+    value: Any, registry: Registry[Any], entry: RegisteredBy, renamed: Mapping[str, str], hint: str = ""
+) -> dict[str, BaseModel]:
+    """A mapping of registered names -> settings (``null`` leaves one out) -> name -> its validated config.
+
+    Each entry is validated by its registered class's own ``Config``; errors keep their dotted path
+    (``objectives.kl.temperature``). A name in ``renamed`` is refused with its new name (and ``hint``).
     """
     if not isinstance(value, Mapping):
         raise PydanticCustomError(
             "objectives_mapping",
-            "expected a mapping of objective names to their settings, e.g. {kl: {weight: 1}}; registered: {names}",
-            {"names": ", ".join(OBJECTIVES.in_order())},
+            "expected a mapping of objective names to their settings, e.g. {example}; registered: {names}",
+            {
+                "example": f"{{{registry.in_order()[0]}: {{weight: 1}}}}",
+                "names": ", ".join(registry.in_order()),
+            },
         )
-    out: dict[str, ObjectiveConfig] = {}
+    out: dict[str, BaseModel] = {}
     errors: list[InitErrorDetails] = []
     for name, settings in value.items():
-        if name not in OBJECTIVES:
+        if name in renamed and name not in registry:
+            errors.append(
+                InitErrorDetails(
+                    type=PydanticCustomError(
+                        "objective_renamed",
+                        # Formatted here: pydantic's templates take {key} only, not {key!r}.
+                        f"objective {name!r} is now called {renamed[name]!r}{hint}; rename it in the recipe",
+                    ),
+                    loc=(name,),
+                    input=settings,
+                )
+            )
+            continue
+        if name not in registry:
             errors.append(
                 InitErrorDetails(
                     type=PydanticCustomError(
                         "registry_tag_invalid",
                         "unknown objective {name!r}; allowed: {allowed}",
-                        {"name": name, "tag": None, "allowed": ", ".join(OBJECTIVES.names())},
+                        {"name": name, "tag": None, "allowed": ", ".join(registry.names())},
                     ),
                     loc=(name,),
                     input=settings,
@@ -48,7 +70,7 @@ def validate_objectives(value: Any) -> dict[str, ObjectiveConfig]:
         if settings is None:  # `objectives.fd=null` leaves fd out
             continue
         try:
-            out[name] = _ENTRY.validate(settings, name)
+            out[name] = entry.validate(settings, name)
         except ValidationError as exc:
             errors.extend(
                 InitErrorDetails(
@@ -59,6 +81,16 @@ def validate_objectives(value: Any) -> dict[str, ObjectiveConfig]:
     if errors:
         raise ValidationError.from_exception_data("objectives", errors)
     return out
+
+
+def validate_objectives(value: Any) -> dict[str, ObjectiveConfig]:
+    """``objectives:`` of a distill recipe as given -> name -> its validated config (see
+    :func:`validate_named_configs`); ``icl``/``crd`` are refused with their new names."""
+    hint = (
+        " (the image-to-image adaptation; CLIP-KD's own caption-mode "
+        f"{', '.join(RENAMED)} are objectives of `kdprompt clipkd` recipes)"
+    )
+    return validate_named_configs(value, OBJECTIVES, _ENTRY, RENAMED, hint)  # type: ignore[return-value]
 
 
 ObjectivesConfig = Annotated[

@@ -33,7 +33,7 @@ def read_index(path: Path, features: torch.Tensor, manifest: dict[str, Any]) -> 
         raise KdpromptError(f"text-feature cache {path} is incomplete: {INDEX_FILE} is missing; {hint}")
     try:
         index = faiss.read_index(str(file))
-    except RuntimeError as err:
+    except (RuntimeError, MemoryError) as err:  # a garbage header can announce any size
         raise KdpromptError(f"{file} is not a readable FAISS index; {hint}") from err
     num_classes, dim = features.shape
     if index.ntotal != num_classes or index.d != dim:

@@ -31,9 +31,11 @@ from safetensors.torch import save_file
 
 from kdprompt.data.classnames import check_names, check_unique, listing
 from kdprompt.errors import KdpromptError
-from kdprompt.io import atomic_path
+from kdprompt.faults import crash_point
+from kdprompt.io import atomic_path, recover_swap
 from kdprompt.text_features.index import flat_index, read_index
 from kdprompt.text_features.manifest import (
+    CACHE_KIND,
     DTYPES,
     FEATURES_FILE,
     INDEX_FILE,
@@ -200,12 +202,13 @@ def build_cache(
     provenance: dict[str, Any] | None = None,
     dtype: torch.dtype = torch.float32,
     prompts: list[str] | None = None,
+    overwrite: bool = True,
 ) -> TextCache:
     """Normalise and write a text-feature cache directory atomically.
 
     The three files are written into a temporary directory beside ``out_dir`` which then replaces
     ``out_dir`` in one move: a crash never leaves a half cache, and an existing cache is replaced only
-    once the new one is complete.
+    once the new one is complete. Only a cache (its manifest's ``kind``) is ever replaced.
 
     Args:
         features: C x D class text features (any float dtype, any device); rows are L2-normalised here.
@@ -216,12 +219,14 @@ def build_cache(
         provenance: free JSON-serialisable facts to record (teacher path, model spec, method, ...).
         dtype: storage dtype of the features file (float32, float16 or bfloat16).
         prompts: the exact text encoded for each class, in row order (recorded in the manifest).
+        overwrite: replace a cache already at ``out_dir`` (False: refuse it).
 
     Returns:
         The cache, as ``load_cache`` would return it.
 
     Raises:
-        KdpromptError: invalid features, class names or arguments.
+        KdpromptError: invalid features, class names or arguments, ``out_dir`` holds something that
+            is not a cache, or a cache and not ``overwrite``.
     """
     out_dir = Path(out_dir)
     dtype_name(dtype)  # refuse an unsupported dtype before any other work
@@ -275,7 +280,8 @@ def build_cache(
     except (TypeError, ValueError) as err:
         raise KdpromptError(f"cache provenance must be JSON-serialisable: {err}") from err
 
-    _check_replaceable(out_dir)
+    recover_swap(out_dir)
+    check_replaceable(out_dir, overwrite)
     # The index holds exactly the float32 rows the cache loads, so search and logits rank alike.
     index = flat_index(loaded)
     with atomic_path(out_dir) as tmp:
@@ -285,21 +291,41 @@ def build_cache(
         (tmp / MANIFEST_FILE).write_text(
             json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
+        crash_point("cache.written")  # complete, not yet renamed into place
     return TextCache(features=loaded, classnames=names, manifest=manifest, path=out_dir, _index=index)
 
 
-def _check_replaceable(out_dir: Path) -> None:
-    """Refuse to replace anything but a cache: the atomic move deletes whatever ``out_dir`` held."""
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
+def is_cache_dir(path: Path) -> bool:
+    """Whether ``path`` holds a manifest marked as a text-feature cache (any version): what kdprompt wrote."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("kind") == CACHE_KIND
+
+
+def check_replaceable(out_dir: Path, overwrite: bool) -> None:
+    """Refuse to replace anything but a cache, and a cache without ``overwrite``.
+
+    The atomic move deletes whatever ``out_dir`` held, so a folder that merely has a ``manifest.json``
+    (a bundle, someone's project) is never taken for a cache.
+    """
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
         raise KdpromptError(
             f"cannot write a text-feature cache to {out_dir}: it exists and is not a directory"
         )
-    if any(out_dir.iterdir()) and not (out_dir / MANIFEST_FILE).is_file():
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return
+    if not is_cache_dir(out_dir):
         raise KdpromptError(
             f"cannot write a text-feature cache to {out_dir}: it is a non-empty directory that is not a "
-            "cache (no manifest.json) and would be replaced; choose another --out directory"
+            f"cache (its {MANIFEST_FILE} does not say kind {CACHE_KIND!r}) and would be replaced, even with "
+            "--overwrite; choose another --out directory"
+        )
+    if not overwrite:
+        raise KdpromptError(
+            f"{out_dir} already holds a text-feature cache; choose another --out or pass --overwrite to "
+            "replace it"
         )
 
 
@@ -319,8 +345,9 @@ def load_cache(
         path: the cache directory.
         expect_fingerprint: refuse a cache built for another teacher.
         expect_classnames: refuse a cache for another class list (or another order).
-        load_index: read and check ``index.faiss`` now; with False it is read on first ``index`` use
-            (training only needs the features).
+        load_index: keep ``index.faiss`` in memory now; with False it is still read and checked here
+            (a damaged index is refused when the cache is opened, not at export), then dropped and read
+            again on first ``index`` use (training only needs the features).
 
     Returns:
         The cache.
@@ -330,6 +357,8 @@ def load_cache(
             features file, edited features, a stale index, or a fingerprint / class-list mismatch.
     """
     path = Path(path)
+    # A rebuild killed between its two renames left the previous cache aside as .NAME.old.
+    recover_swap(path)
     if not path.is_dir():
         raise KdpromptError(f"no text-feature cache at {path} (not a directory); {rebuild_hint(path)}")
     if not (path / MANIFEST_FILE).is_file():
@@ -364,6 +393,7 @@ def load_cache(
     cache = TextCache(
         features=stored.float(), classnames=list(manifest["classnames"]), manifest=manifest, path=path
     )
+    index = read_index(path, cache.features, manifest)
     if load_index:
-        cache._index = read_index(path, cache.features, manifest)
+        cache._index = index
     return cache

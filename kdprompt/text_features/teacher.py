@@ -8,8 +8,9 @@ from typing import Any
 import torch
 
 from kdprompt.data.classnames import read_classnames_file
+from kdprompt.io import recover_swap
 from kdprompt.models.teacher import PromptedClip, load_teacher
-from kdprompt.text_features.store import TextCache, build_cache
+from kdprompt.text_features.store import TextCache, build_cache, check_replaceable
 
 
 def cache_class_features(
@@ -19,6 +20,7 @@ def cache_class_features(
     *,
     provenance: dict[str, Any],
     teacher_fingerprint: str | None = None,
+    overwrite: bool = True,
 ) -> TextCache:
     """Encode ``classnames`` with the prompted teacher ``model`` and write them as a cache at ``out_dir``.
 
@@ -31,6 +33,7 @@ def cache_class_features(
         provenance: facts recorded in the manifest (teacher path, classes file, method, ...).
         teacher_fingerprint: the teacher's fingerprint; default ``model.fingerprint`` (a loaded teacher
             has one, a freshly trained one gets it from ``save_teacher``).
+        overwrite: replace a cache already at ``out_dir`` (False: refuse it).
 
     Returns:
         The cache written.
@@ -47,11 +50,12 @@ def cache_class_features(
         # The prompt text is not part of the teacher fingerprint: recording it makes a cache whose
         # prompts differ from what the teacher now writes (e.g. another class-name form) visible.
         prompts=model.class_prompts(classnames),
+        overwrite=overwrite,
     )
 
 
 def write_cache_for_teacher(
-    teacher_dir: Path, classes_file: Path, out: Path | None, device: str
+    teacher_dir: Path, classes_file: Path, out: Path | None, device: str, overwrite: bool = False
 ) -> tuple[Path, int]:
     """Cache the classes listed in ``classes_file`` with the teacher saved in ``teacher_dir``.
 
@@ -60,18 +64,22 @@ def write_cache_for_teacher(
         classes_file: the class names (see :func:`~kdprompt.data.classnames.read_classnames_file`).
         out: the cache directory; default ``cache/<teacher run name>-<classes file stem>``.
         device: where to encode the class names.
+        overwrite: replace a cache already at ``out`` (never anything else).
 
     Returns:
         The cache directory and the number of classes cached.
     """
-    # The class list first: a bad file fails before the (slow) teacher is loaded.
+    # The class list and the destination first: both fail before the (slow) teacher is loaded.
     classnames = read_classnames_file(classes_file)
-    model = load_teacher(teacher_dir, device=device)
     out = out or Path("cache") / f"{Path(teacher_dir).resolve().parent.name}-{Path(classes_file).stem}"
+    recover_swap(out)
+    check_replaceable(out, overwrite)
+    model = load_teacher(teacher_dir, device=device)
     cache_class_features(
         model,
         classnames,
         out,
         provenance={"teacher": str(teacher_dir), "classes_file": str(classes_file)},
+        overwrite=overwrite,
     )
     return out, len(classnames)

@@ -3,6 +3,10 @@
 Per batch the teacher encodes the images once (no gradients, never DDP-wrapped), the class text
 features come from the teacher's cache (never re-encoded), and the student + projector train on the
 weighted objectives. Labels in the shards, if any, are ignored.
+
+With ``teacher_outputs.use`` the teacher is never built: each image is cut to one of its stored views
+(picked per epoch) and the step reads that view's precomputed teacher features
+(:mod:`kdprompt.teacher_outputs`); the teacher loads only for the final evaluation.
 """
 
 from __future__ import annotations
@@ -12,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from kdprompt.config.distill import DistillRecipe
 from kdprompt.config.fingerprint import recipe_fingerprint
+from kdprompt.errors import KdpromptError
 from kdprompt.io import write_json_atomic, write_text_atomic
 from kdprompt.train.checkpoint import Checkpoint
 from kdprompt.train.metrics import plot_curves
@@ -36,32 +40,21 @@ def cache_of(recipe: DistillRecipe) -> Path:
     return recipe.cache or Path("cache") / Path(recipe.teacher).resolve().parent.name
 
 
-def view_converter(src: Any, dst: Any) -> Any:
-    """A function mapping a batch preprocessed for ``src`` to the preprocessing of ``dst``.
+def freeze_teacher(teacher: Any, cfg: Any, device: torch.device) -> dict[str, bool]:
+    """Freeze a teacher on ``device`` (eval, no gradients) with the train config's throughput settings.
 
-    Both models see the same augmented image: the student's view is un-normalised, resized when the
-    image sizes differ, and normalised with the teacher's mean/std.
+    The settings apply to the teacher's image tower, which runs on every batch (or every stored view),
+    as :func:`~kdprompt.train.runtime.apply_throughput_settings` applies them to the student; the
+    teacher stays a plain module (never prepared, so never DDP-wrapped: it has nothing to synchronise).
+
+    Returns:
+        The settings in effect (see :func:`~kdprompt.train.runtime.apply_throughput_settings`).
     """
+    from kdprompt.train.runtime import apply_throughput_settings
 
-    def norm(tf: Any) -> tuple[Tensor, Tensor, int]:
-        steps = getattr(tf, "transforms", [])
-        n = next((t for t in steps if t.__class__.__name__ == "Normalize"), None)
-        size = next((getattr(t, "size", None) for t in steps if hasattr(t, "size")), None)
-        size = size if isinstance(size, int) else (size[0] if size else 0)
-        mean = torch.tensor(n.mean if n else (0.0, 0.0, 0.0)).view(1, 3, 1, 1)
-        std = torch.tensor(n.std if n else (1.0, 1.0, 1.0)).view(1, 3, 1, 1)
-        return mean, std, size
-
-    ms, ss, size_s = norm(src)
-    mt, st, size_t = norm(dst)
-
-    def convert(x: Tensor) -> Tensor:
-        raw = x * ss.to(x) + ms.to(x)
-        if size_t and size_s and size_t != size_s:
-            raw = F.interpolate(raw, size=(size_t, size_t), mode="bicubic", align_corners=False)
-        return (raw - mt.to(x)) / st.to(x)
-
-    return convert
+    teacher.requires_grad_(False)
+    teacher.eval().to(device)
+    return apply_throughput_settings(teacher.vision_tower, cfg, device)
 
 
 class DistillModule(nn.Module):
@@ -85,10 +78,12 @@ class DistillStage(StreamStage):
     """A student (+ projector and objectives) learns from a frozen teacher on unlabelled shards.
 
     Args:
-        recipe: the distill recipe.
+        recipe: the distill recipe; with ``teacher_outputs.use`` the teacher's image features come from
+            its precomputed outputs and ``teacher`` is only its identity
+            (:class:`~kdprompt.teacher_outputs.teacher_ref.TeacherRecord`).
         recompute_text: re-encode the teacher's class texts through its prompted text tower at every step
             instead of reading them from the cache (what the PromptKD reference does; ``kdprompt bench
-            distill`` times both).
+            distill`` times both). Not with stored teacher outputs: the teacher is not built then.
     """
 
     name = "distill"
@@ -99,12 +94,18 @@ class DistillStage(StreamStage):
         # selection: val validates at every epoch end, which the scaffold only calls with epoch checkpoints.
         self.epoch_checkpoints = recipe.selection == "val"  # type: ignore[misc]
         self.best = BestOnVal()
+        self.outputs: Any = None  # the TeacherOutputs read instead of running the teacher, if any
+
+    @property
+    def cached(self) -> bool:
+        """Whether the teacher's image features come from stored teacher outputs."""
+        return self.recipe.teacher_outputs is not None and self.recipe.teacher_outputs.use
 
     def run_dir(self) -> Path:
         return run_dir_of(self.recipe)
 
     def setup(self, run: Run) -> None:
-        from kdprompt.data.augment import train_transform
+        from kdprompt.data.augment import train_transform, view_converter
         from kdprompt.models.loading import create_clip
         from kdprompt.models.student import Student
         from kdprompt.models.teacher import load_teacher
@@ -112,11 +113,22 @@ class DistillStage(StreamStage):
         from kdprompt.text_features import load_cache
 
         recipe, cfg = self.recipe, self.recipe.train
-        self.teacher = teacher = load_teacher(recipe.teacher)
-        teacher.requires_grad_(False)
-        teacher.eval().to(run.device)
-        self.cache = load_cache(cache_of(recipe), expect_fingerprint=teacher.fingerprint, load_index=False)
-        self.val = teacher_val_split(teacher) if recipe.selection == "val" else None
+        if self.cached:
+            from kdprompt.teacher_outputs.teacher_ref import read_teacher_record
+
+            if self.recompute_text:
+                raise KdpromptError(
+                    "recompute_text encodes class texts with the teacher, which distilling from stored "
+                    "teacher outputs does not build; set teacher_outputs.use=false to time it"
+                )
+            self.teacher = read_teacher_record(recipe.teacher)
+        else:
+            self.teacher = load_teacher(recipe.teacher)
+            freeze_teacher(self.teacher, cfg, run.device)
+        self.cache = load_cache(
+            cache_of(recipe), expect_fingerprint=self.teacher.fingerprint, load_index=False
+        )
+        self.val = teacher_val_split(self.teacher) if recipe.selection == "val" else None
         self.text = self.cache.features.to(run.device)
         self.logit_scale = torch.tensor(self.cache.logit_scale, device=run.device)
         student = Student(create_clip(recipe.student.model), recipe.student, out_dim=self.cache.embed_dim)
@@ -124,9 +136,12 @@ class DistillStage(StreamStage):
         # The student's augmented batch, converted, is the teacher's input: both see the same view
         # (as in PromptKD's trainers/promptkd.py, where one batch feeds both models).
         self.augment = train_transform(recipe.augmentation, student.visual.preprocess_cfg)
-        teacher_view = train_transform(recipe.augmentation, teacher.clip_model.visual.preprocess_cfg)
-        self.to_teacher = view_converter(self.augment, teacher_view)
+        if not self.cached:
+            teacher_view = train_transform(recipe.augmentation, self.teacher.clip_model.visual.preprocess_cfg)
+            self.to_teacher = view_converter(self.augment, teacher_view)
         self.plan(run)
+        if self.cached:
+            self._open_outputs(student.visual.preprocess_cfg)
         params = [p for p in self.model.parameters() if p.requires_grad]
         if cfg.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(
@@ -134,6 +149,24 @@ class DistillStage(StreamStage):
             )
         else:
             self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def _open_outputs(self, student_preprocess: Any) -> None:
+        """Open the recipe's teacher outputs (refused unless made for this teacher, shards and views)."""
+        from kdprompt.data.augment import ReplayableView
+        from kdprompt.teacher_outputs.manifest import recipe_spec
+        from kdprompt.teacher_outputs.reader import open_teacher_outputs
+        from kdprompt.teacher_outputs.replay import ReplayTransform
+
+        recipe = self.recipe
+        spec = recipe_spec(recipe, self.teacher.fingerprint, self.urls, student_preprocess)
+        self.outputs = open_teacher_outputs(recipe.teacher_outputs.path, spec)
+        if self.outputs.embed_dim != self.cache.embed_dim:
+            raise KdpromptError(
+                f"teacher outputs at {recipe.teacher_outputs.path} hold {self.outputs.embed_dim}-d features, "
+                f"the text cache {cache_of(recipe)} {self.cache.embed_dim}-d; they are of different teachers"
+            )
+        view = ReplayableView(recipe.augmentation, student_preprocess)
+        self.augment = ReplayTransform(self.outputs, view, recipe.seed)
 
     def fingerprint(self) -> str:
         both = f"{recipe_fingerprint(self.recipe)}|{self.teacher.fingerprint}"
@@ -150,8 +183,24 @@ class DistillStage(StreamStage):
     def transform(self) -> Any:
         return self.augment
 
+    def teacher_features(self, run: Run, batch: dict, images: Tensor) -> Tensor:
+        """The teacher's image features (B, D, fp32) of the batch's views: stored, or encoded now.
+
+        Stored: the batch's images are the views of the epoch ``run.step // run.per_epoch`` picked (see
+        :class:`~kdprompt.teacher_outputs.replay.ReplayTransform`), so the step must be the batch's own.
+        """
+        if self.outputs is not None:
+            from kdprompt.teacher_outputs.replay import stored_features
+
+            epoch = run.step // run.per_epoch
+            stored = stored_features(self.outputs, self.recipe.seed, epoch, batch["url"], batch["key"])
+            return stored.to(run.device, non_blocking=True).float()
+        with torch.no_grad():
+            return self.teacher.encode_images(self.to_teacher(images)).float()
+
     def step(self, run: Run, batch: dict) -> dict[str, Tensor]:
-        """Teacher image features (no gradients), class text features (cached), one student update."""
+        """Teacher image features (no gradients; stored or encoded), class text features (cached), one
+        student update."""
         cfg = self.recipe.train
         images = batch["image"].to(run.device, non_blocking=True)
         lr = scheduled_lr(cfg, run.step, run.per_epoch, run.total_steps)
@@ -162,7 +211,7 @@ class DistillStage(StreamStage):
                     if self.recompute_text
                     else self.text
                 )
-                t = self.teacher.encode_images(self.to_teacher(images)).float()
+            t = self.teacher_features(run, batch, images)
             terms = self.model(images, t, text, self.logit_scale)
         run.optimizer_step(self.optimizer, terms["loss"], lr)
         self.meter.record(batch)
@@ -249,23 +298,34 @@ def _finish(stage: DistillStage, run: Run) -> None:
         cache_path=cache_of(recipe),
         extra={"selection": stage.selection},
     )
+    device = next(student.parameters()).device
+    if stage.cached:
+        tower_parameters = stage.outputs.manifest["teacher_image_tower_parameters"]
+    else:
+        tower_parameters = sum(p.numel() for p in teacher.clip_model.visual.parameters())
     results: dict[str, Any] = {
         "selection": stage.selection,
         "steps": run.step,
         "world_size": run.world,
         "corrupt_samples": stage.counters["corrupt"],
         "image_tower_parameters": student.image_tower_parameters(),
-        "teacher_image_tower_parameters": sum(p.numel() for p in teacher.clip_model.visual.parameters()),
+        "teacher_image_tower_parameters": tower_parameters,
     }
+    if stage.cached:
+        results["teacher_outputs"] = {"path": str(recipe.teacher_outputs.path), "views": stage.outputs.views}
     if recipe.evaluate and teacher.data_config is not None:
         from kdprompt.data.sources import load_split
         from kdprompt.evaluate import evaluate_base_novel, evaluation_table
         from kdprompt.models.student import StudentClassifier
 
+        if stage.cached:  # the teacher's row: built now, after training, never on the hot path
+            from kdprompt.models.teacher import load_teacher
+
+            teacher = load_teacher(recipe.teacher, device=device)
         test = load_split(teacher.data_config, "test")
         rows = [
-            evaluate_base_novel(teacher, test, device=teacher.device),
-            evaluate_base_novel(StudentClassifier(student, cache), test, device=teacher.device),
+            evaluate_base_novel(teacher, test, device=device),
+            evaluate_base_novel(StudentClassifier(student, cache), test, device=device),
         ]
         results["eval"] = rows
         table = evaluation_table(rows)

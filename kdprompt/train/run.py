@@ -4,7 +4,10 @@ A stage is a :class:`Stage`: a ``setup`` (model, optimizer, data plan), a ``step
 on one batch) and a ``finish`` (artefacts, evaluation), plus what it checkpoints. :func:`run_stage` owns
 the rest, in this order:
 
-1. the Accelerator (TensorBoard under ``run_dir/tb``), ``set_seed(recipe.seed)``, ``stage.setup``;
+1. the Accelerator (TensorBoard under ``run_dir/tb``); the run lock (``run_dir/run.lock``, taken by the
+   main process: a second run of the same directory is refused, see :mod:`kdprompt.train.runlock`) and,
+   under it, the removal of temporaries that killed runs left in ``checkpoints/``;
+   ``set_seed(recipe.seed)``, ``stage.setup``;
 2. resume (``resume: auto | never | <path>``, a checkpoint of another recipe refused): the optimizer,
    the step, the counters and the RNG state here, the stage's own tensors in ``stage.restore``;
 3. ``accelerator.prepare(model, optimizer)``, then ``stage.start``;
@@ -16,7 +19,8 @@ the rest, in this order:
    and a checkpoint at every epoch end);
 6. a last checkpoint, then ``stage.finish`` unless ``train.stop_after_steps`` ended the run early.
 
-:func:`open_run` is steps 1-3 alone: ``kdprompt bench distill`` times the distill stage's own step on it.
+:func:`open_run` is steps 1-3 alone: ``kdprompt bench distill`` times the distill stage's own step on it,
+without the lock (it writes nothing, so it is never refused nor in a training run's way).
 """
 
 from __future__ import annotations
@@ -28,17 +32,25 @@ from typing import Any, ClassVar
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from kdprompt.config.fingerprint import recipe_fingerprint
 from kdprompt.config.loading import dump_recipe
+from kdprompt.errors import KdpromptError
 from kdprompt.io import write_text_atomic
-from kdprompt.train.checkpoint import Checkpoint, resume_training, save_training_checkpoint
+from kdprompt.train.checkpoint import (
+    Checkpoint,
+    clean_stale_temporaries,
+    resume_training,
+    save_training_checkpoint,
+)
 from kdprompt.train.metrics import MetricsLog
+from kdprompt.train.runlock import RunLock, acquire_run_lock
 from kdprompt.train.runtime import (
     StreamMeter,
+    apply_throughput_settings,
     ended_early,
     epoch_plan,
     make_accelerator,
@@ -62,6 +74,7 @@ class Run:
         stop_at: the step this invocation ends at (``train.stop_after_steps`` more, at most the total).
         fingerprint: the recipe fingerprint written into (and checked against) checkpoints.
         metrics: the metrics log (None until the run directory is written).
+        lock: the run lock on the main process of a locked run (see :func:`open_run`), else None.
     """
 
     recipe: Any
@@ -73,6 +86,7 @@ class Run:
     stop_at: int = 0
     fingerprint: str = ""
     metrics: MetricsLog | None = None
+    lock: RunLock | None = None
 
     @property
     def main(self) -> bool:
@@ -227,15 +241,55 @@ class StreamStage(Stage):
         write_data_record(run.run_dir, run.rank, run.world, self.meter.shards_read, self.counters, **extra)
 
 
-def open_run(stage: Stage, *, resume: bool = True, tensorboard: bool = True) -> tuple[Run, dict | None]:
-    """Accelerator, seed, ``stage.setup``, resume, ``accelerator.prepare`` and ``stage.start``.
+def _claim(run: Run) -> None:
+    """Take the run lock on the main process and clear dead writers' temporaries under it.
+
+    Every rank calls this together: a refusal on the main process is broadcast, so the other ranks fail
+    with the same message instead of waiting for it at the next barrier.
+    """
+    refusal = None
+    if run.main:
+        try:
+            run.lock = acquire_run_lock(run.run_dir)
+            clean_stale_temporaries(run.ckpt_dir)
+        except KdpromptError as err:
+            refusal = str(err)
+        except OSError as err:  # e.g. a read-only output_dir: still one line, on every rank
+            refusal = (
+                f"cannot lock the run directory {run.run_dir} ({err}); check output_dir and its permissions"
+            )
+    (refusal,) = broadcast_object_list([refusal])
+    if refusal is not None:
+        if run.lock is not None:
+            run.lock.release()
+        raise KdpromptError(refusal)
+
+
+def open_run(
+    stage: Stage, *, resume: bool = True, tensorboard: bool = True, lock: bool = False
+) -> tuple[Run, dict | None]:
+    """Accelerator, (lock), seed, ``stage.setup``, resume, ``accelerator.prepare`` and ``stage.start``.
 
     Returns the run (``step`` and ``stop_at`` set) and the RNG state to restore before the next batch
-    (None for a fresh run). Nothing is written to the run directory.
+    (None for a fresh run). Nothing is written to the run directory, except with ``lock``: then the main
+    process holds ``run_dir/run.lock`` (``run.lock``; release it when done) and has removed stale
+    checkpoint temporaries, or every rank raises :class:`KdpromptError` naming the run holding it.
     """
     recipe = stage.recipe
     run_dir = stage.run_dir()
     run = Run(recipe, run_dir, make_accelerator(run_dir, recipe.train.mixed_precision, tensorboard))
+    if lock:
+        _claim(run)
+    try:
+        return _open(stage, run, resume)
+    except BaseException:
+        if run.lock is not None:
+            run.lock.release()
+        raise
+
+
+def _open(stage: Stage, run: Run, resume: bool) -> tuple[Run, dict | None]:
+    recipe = stage.recipe
     set_seed(recipe.seed)
     stage.setup(run)
     run.fingerprint = stage.fingerprint()
@@ -247,6 +301,7 @@ def open_run(stage: Stage, *, resume: bool = True, tensorboard: bool = True) -> 
             run.step, restored_rng = ckpt.step, ckpt.state["rng"]
             stage.counters = dict(ckpt.state["counters"])
     stage.model, stage.optimizer = run.accelerator.prepare(stage.model, stage.optimizer)
+    apply_throughput_settings(stage.model, recipe.train, run.device)
     stage.start(run)
     stop_after = recipe.train.stop_after_steps
     run.stop_at = min(run.total_steps, run.step + stop_after) if stop_after else run.total_steps
@@ -272,8 +327,20 @@ def _checkpoint(stage: Stage, run: Run, epoch_end: bool) -> None:
 
 
 def run_stage(stage: Stage) -> Path:
-    """Run ``stage`` from its recipe (resuming its latest checkpoint by default); returns the run directory."""
-    run, restored_rng = open_run(stage)
+    """Run ``stage`` from its recipe (resuming its latest checkpoint by default); returns the run directory.
+
+    Raises:
+        KdpromptError: another run holds the run directory, or the checkpoint to resume is unusable.
+    """
+    run, restored_rng = open_run(stage, lock=True)
+    try:
+        return _train(stage, run, restored_rng)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+
+
+def _train(stage: Stage, run: Run, restored_rng: dict | None) -> Path:
     recipe, accelerator = stage.recipe, run.accelerator
     if run.main:
         run.run_dir.mkdir(parents=True, exist_ok=True)

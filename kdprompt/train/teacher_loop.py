@@ -26,7 +26,7 @@ from kdprompt.models.teacher import PromptedClip, save_teacher
 from kdprompt.train.checkpoint import Checkpoint, restore_rng_on_resume
 from kdprompt.train.metrics import plot_curves
 from kdprompt.train.run import Run, Stage, run_stage
-from kdprompt.train.runtime import ImageRate, scheduled_lr
+from kdprompt.train.runtime import ImageRate, resolve_pin_memory, scheduled_lr
 from kdprompt.train.selection import BestOnVal, load_labelled_val, val_accuracy
 
 
@@ -123,7 +123,12 @@ class TeacherStage(Stage):
         while step < run.stop_at:
             epoch, skip = divmod(step, run.per_epoch)
             batches = epoch_batches(len(self.dataset), cfg.batch_size, seed, epoch, run.rank, run.world)
-            loader = DataLoader(self.dataset, batch_sampler=batches[skip:], num_workers=cfg.num_workers)
+            loader = DataLoader(
+                self.dataset,
+                batch_sampler=batches[skip:],
+                num_workers=cfg.num_workers,
+                pin_memory=resolve_pin_memory(cfg.pin_memory),
+            )
             if restored_rng is not None:
                 restore_rng_on_resume(restored_rng, run.main, seed + 7919 * run.rank + step)
                 restored_rng = None

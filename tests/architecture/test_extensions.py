@@ -135,7 +135,7 @@ def test_unknown_names_list_what_is_registered(registered):
             DistillRecipe, "demo/distill-student", ["objectives={cosin: {}}", "student.adaptation=final"]
         )
     message = str(err.value)
-    assert "objectives.cosin: got 'cosin'; allowed: cosine, crd, fd, icl, kl" in message
+    assert "objectives.cosin: got 'cosin'; allowed: cosine, crd_image, fd, icl_image, kl" in message
     assert "unknown student adaptation 'final'; available: final_norm, full, projector, prompts" in message
     with pytest.raises(KdpromptError, match=r"method.smoothng: unknown key \(did you mean 'smoothing'\?\)"):
         load_recipe(TeacherRecipe, "demo/teacher-promptsrc", ["method={name: shallow, smoothng: 0.2}"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import gzip
 import io
 import json
 import logging
@@ -13,10 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
+from kdprompt.data.folder_lock import folder_lock
+from kdprompt.data.materialize import shards_for
 from kdprompt.data.shard_reader import batches_per_epoch_for, make_loader
 from kdprompt.data.shard_urls import expand_urls, read_sizes
 from kdprompt.data.shard_writer import write_shards
 from kdprompt.data.shards import ShardsData, load_shards_split
+from kdprompt.data.synthetic import SyntheticData
 from kdprompt.data.types import Sample, Split
 from kdprompt.errors import KdpromptError
 
@@ -153,8 +158,10 @@ def test_sizes_json_merged_and_totals(tmp_path):
         read_sizes(expand_urls([str(out / "train-000000.tar"), str(out / "val-{000000..000001}.tar")])) == 9
     )
     assert read_sizes(["pipe:cat x.tar"]) is None
-    (out / "extra-000000.tar").write_bytes(b"")
-    assert read_sizes([str(out / "extra-000000.tar")]) is None
+    # shards sizes.json does not list are counted from their tar headers
+    (out / "extra-000000.tar").write_bytes((out / "train-000000.tar").read_bytes())
+    (out / "extra-000001.tar").write_bytes(b"")  # unreadable: holds no sample
+    assert read_sizes(expand_urls(str(out / "extra-{000000..000001}.tar"))) == 4
 
 
 def test_overwrite_refused_then_allowed_and_stale_removed(tmp_path):
@@ -372,3 +379,221 @@ def test_rank_from_environment(tmp_path, monkeypatch):
 def test_batches_per_epoch_for():
     assert batches_per_epoch_for(100, 8, 2) == 6
     assert batches_per_epoch_for(3, 8, 2) == 1
+
+
+# -- sizes: validated, cross-checked, and found without sizes.json ----------------------------
+
+
+@pytest.mark.parametrize("bad", [-1, 1e30, "12", [3], None, True, 10**30])
+def test_lying_sizes_json_is_named(tmp_path, bad):
+    out = tmp_path / "s"
+    write_shards(make_split(6), out, maxcount=3)
+    (out / "sizes.json").write_text(json.dumps({"train-000000.tar": bad, "train-000001.tar": 3}))
+    with pytest.raises(KdpromptError, match=r"sizes\.json.*train-000000\.tar") as err:
+        read_sizes(expand_urls(str(out / "train-{000000..000001}.tar")))
+    assert repr(bad) in str(err.value) or str(bad) in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "named"), [("[3, 3]", "holds a list"), ("{", "cannot read"), ('"six"', "holds a str")]
+)
+def test_sizes_json_that_is_not_a_mapping_is_named(tmp_path, text, named):
+    out = tmp_path / "s"
+    write_shards(make_split(6), out, maxcount=3)
+    (out / "sizes.json").write_text(text)
+    with pytest.raises(KdpromptError, match=named) as err:
+        read_sizes(expand_urls(str(out / "train-000000.tar")))
+    assert "sizes.json" in str(err.value)
+
+
+@pytest.mark.parametrize("listed", [0, 2, 4])
+def test_sizes_json_disagreeing_with_its_shard_is_named(tmp_path, listed):
+    out = tmp_path / "s"
+    write_shards(make_split(6), out, maxcount=3)
+    (out / "sizes.json").write_text(json.dumps({"train-000000.tar": listed, "train-000001.tar": 3}))
+    with pytest.raises(KdpromptError, match=rf"sizes\.json: shard train-000000\.tar .* {listed} .* holds 3"):
+        read_sizes(expand_urls(str(out / "train-{000000..000001}.tar")))
+
+
+def img2dataset_shard(path: Path, first: int, n: int, extra_files: bool = False) -> None:
+    """A tar laid out as img2dataset writes one: <key>.jpg, <key>.txt, <key>.json per sample."""
+    members = []
+    for i in range(first, first + n):
+        key = f"{i:09d}"
+        members += [
+            (f"{key}.jpg", encode(image_array(i), "JPEG")),
+            (f"{key}.txt", f"caption {i}".encode()),
+            (f"{key}.json", json.dumps({"url": f"http://x/{i}.jpg", "status": "success"}).encode()),
+        ]
+    if extra_files:
+        members.append(("__meta__", b"not a sample"))  # skipped by webdataset, so not counted
+    add_tar(path, members)
+
+
+def test_img2dataset_output_is_sized_from_its_stats_files(tmp_path):
+    # img2dataset writes NNNNN.tar, NNNNN.parquet and NNNNN_stats.json per shard, and no sizes.json.
+    for shard, n in ((0, 3), (1, 2)):
+        img2dataset_shard(tmp_path / f"{shard:05d}.tar", shard * 10, n)
+        stats = {"count": n + 1, "successes": n, "failed_to_download": 1, "failed_to_resize": 0}
+        (tmp_path / f"{shard:05d}_stats.json").write_text(json.dumps(stats))
+    (tmp_path / "00000.parquet").write_bytes(b"PAR1")
+    urls = expand_urls(str(tmp_path / "{00000..00001}.tar"))
+    assert read_sizes(urls) == 5
+    batches = collect(make_loader(urls, batch_size=5, transform=to_tensor, drop_last=False))
+    assert sum(len(b["key"]) for b in batches) == 5
+
+    (tmp_path / "00001_stats.json").write_text(json.dumps({"count": 3, "successes": "2"}))
+    with pytest.raises(KdpromptError, match=r"00001_stats\.json: shard 00001\.tar has '2' successes"):
+        read_sizes(urls)
+    (tmp_path / "00001_stats.json").write_text(json.dumps({"count": 3, "successes": 7}))
+    with pytest.raises(
+        KdpromptError, match=r"00001_stats\.json: shard 00001\.tar is listed with 7 .* holds 2"
+    ):
+        read_sizes(urls)
+
+
+def test_bare_tars_are_counted_from_their_headers(tmp_path):
+    img2dataset_shard(tmp_path / "a-0.tar", 0, 4, extra_files=True)
+    img2dataset_shard(tmp_path / "a-1.tar", 10, 3)
+    assert read_sizes(expand_urls(str(tmp_path / "a-{0..1}.tar"))) == 7
+
+
+# -- a shard cut short ------------------------------------------------------------------------
+
+
+def cut_shard(out: Path, *, member: int, offset: int) -> Path:
+    """Shard train-000000.tar of 6 captioned samples (cls, json, png, txt each), cut in or at ``member``."""
+    split = make_split(6, captions=False)
+    split.samples[:] = [dataclasses.replace(s, caption=f"caption of {s.key}") for s in split.samples]
+    write_shards(split, out, image_format="png", maxcount=6)
+    path = out / "train-000000.tar"
+    with tarfile.open(path) as tar:
+        info = tar.getmembers()[member]
+    path.write_bytes(path.read_bytes()[: (info.offset if offset < 0 else info.offset_data + offset)])
+    return path
+
+
+@pytest.mark.parametrize(
+    ("member", "offset"),
+    [
+        (8, 1),  # in the first member (cls) of the third sample
+        (11, 3),  # in its caption, its last member: it passed as whole, without its caption
+        (10, -1),  # between two of its members (before its png): no read error at all
+        (12, -1),  # between it and the fourth: the rest was lost uncounted (the third is kept out too:
+        # nothing tells a whole last sample from one cut between its members)
+    ],
+)
+def test_sample_a_cut_shard_ends_in_is_counted_as_corrupt(tmp_path, member, offset, caplog):
+    path = cut_shard(tmp_path / "cut", member=member, offset=offset)
+    with caplog.at_level(logging.WARNING):
+        back = load_shards_split(ShardsData(train=str(path)), "train")
+    assert len(back) == 2 and back.meta["corrupt"] == 1
+    assert "cut short" in caplog.text and "00000002" in caplog.text
+
+    # streamed beside a whole shard, so the cut sample is not the last one read
+    write_shards(make_split(6, name="good"), tmp_path / "cut", maxcount=6)
+    urls = [str(path), str(tmp_path / "cut" / "good-000000.tar")]
+    batches = collect(
+        make_loader(urls, batch_size=2, transform=to_tensor, shuffle_buffer=0, interleave=2, drop_last=False)
+    )
+    assert sum(len(b["key"]) for b in batches) == 8 and sum(b["corrupt"] for b in batches) == 1
+
+
+def test_gzipped_shard_whole_and_cut(tmp_path):
+    write_shards(make_split(5), tmp_path, maxcount=5)
+    packed = gzip.compress((tmp_path / "train-000000.tar").read_bytes())
+    (tmp_path / "whole.tar.gz").write_bytes(packed)
+    (tmp_path / "cut.tar.gz").write_bytes(packed[: len(packed) * 2 // 3])
+    whole = load_shards_split(ShardsData(train=str(tmp_path / "whole.tar.gz")), "train")
+    assert len(whole) == 5 and whole.meta["corrupt"] == 0
+    cut = load_shards_split(ShardsData(train=str(tmp_path / "cut.tar.gz")), "train")
+    assert len(cut) + cut.meta["corrupt"] < 5 and cut.meta["corrupt"] == 1
+    assert read_sizes([str(tmp_path / "whole.tar.gz")]) == 5
+
+
+def test_whole_shards_have_no_corrupt_samples(tmp_path):
+    write_shards(make_split(5), tmp_path, maxcount=5)
+    back = load_shards_split(ShardsData(train=str(tmp_path / "train-000000.tar")), "train")
+    assert len(back) == 5 and back.meta["corrupt"] == 0
+
+
+# -- one-line errors ----------------------------------------------------------------------------
+
+
+def test_unbalanced_braces_are_named(tmp_path):
+    with pytest.raises(KdpromptError, match=r"'shards/\{000\.\.009\.tar' has unbalanced braces"):
+        expand_urls("shards/{000..009.tar")
+    with pytest.raises(KdpromptError, match="unbalanced braces"):
+        make_loader("shards/000..009}.tar", batch_size=1, transform=to_tensor)
+
+
+def test_loader_worker_error_is_one_line(tmp_path):
+    bad = tmp_path / "bad-000000.tar"
+    bad.write_bytes(b"not a tar" * 100)
+    loader = make_loader(str(bad), batch_size=1, transform=to_tensor, num_workers=1, batches_per_epoch=1)
+    with pytest.raises(KdpromptError) as err:
+        collect(loader)
+    message = str(err.value)
+    assert "\n" not in message and "Traceback" not in message
+    assert "hold no readable samples" in message and "bad-000000.tar" in message
+
+
+# -- materialised shards: written whole, repaired, temporaries of killed writes removed -----------
+
+
+def small_world(root: str) -> SyntheticData:
+    return SyntheticData(root=root, image_size=32, train_per_class=1, val_per_class=1, test_per_class=1)
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def test_materialised_folder_without_sizes_json_is_rebuilt(tmp_path, world_root):
+    urls = shards_for(small_world(world_root), "train", tmp_path, maxcount=16)
+    folder = Path(urls[0]).parent
+    assert len(urls) == 3 and not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    reference = files_of(folder)
+    # What a writer of an older version left when killed: some shards, no sizes.json.
+    (folder / "sizes.json").unlink()
+    Path(urls[-1]).unlink()
+    assert shards_for(small_world(world_root), "train", tmp_path, maxcount=16) == urls
+    assert files_of(folder) == reference
+
+
+def test_stale_temporaries_of_killed_writes_are_removed(tmp_path, world_root):
+    urls = shards_for(small_world(world_root), "train", tmp_path, maxcount=16)
+    name = Path(urls[0]).parent.name
+    own = tmp_path / f".{name}.k1ll3d_0.tmp"
+    (own / name).mkdir(parents=True)
+    (own / name / "train-000000.tar").write_bytes(b"half a shard")
+    abandoned = tmp_path / ".synthetic-train-0123456789abcdef.x9y8z7w6.tmp"  # a recipe since changed
+    busy = tmp_path / ".synthetic-train-fedcba9876543210.b0sy_000.tmp"  # a live writer's
+    foreign = [tmp_path / ".notes.tmp", tmp_path / "synthetic-train-0123456789abcdef.x9y8z7w6.tmp"]
+    for path in (abandoned, busy, *foreign):
+        path.mkdir()
+    with folder_lock(tmp_path / "synthetic-train-fedcba9876543210"):
+        assert shards_for(small_world(world_root), "train", tmp_path, maxcount=16) == urls
+    assert not own.exists() and not abandoned.exists()
+    assert busy.exists() and all(p.exists() for p in foreign)
+
+
+def test_write_shards_removes_a_killed_writes_temporaries(tmp_path):
+    out = tmp_path / "s"
+    write_shards(make_split(4), out, maxcount=2)
+    stale = [out / ".val-shards.abcd_123.tmp", out / ".sizes.json.zz00yy11.tmp"]
+    for path in stale:
+        path.mkdir()
+    (stale[0] / "val-000000.tar").write_bytes(b"half a shard")
+    write_shards(make_split(3, name="val"), out, maxcount=2)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "classnames.json",
+        "sizes.json",
+        "train-000000.tar",
+        "train-000001.tar",
+        "val-000000.tar",
+        "val-000001.tar",
+    ]

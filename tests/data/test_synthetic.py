@@ -205,3 +205,12 @@ def test_unknown_split_lists_the_available_ones(tmp_path):
         syn.load_synthetic_split(small(tmp_path, domain="downstream", val_per_class=0), "val")
     with pytest.raises(KdpromptError, match="available: train, val, test"):
         syn.load_synthetic_split(small(tmp_path, domain="downstream"), "holdout")
+
+
+def test_a_killed_builds_temporary_is_removed_at_the_next_build(tmp_path):
+    cfg = small(tmp_path)
+    world = syn.world_dir(cfg)
+    stale = world.parent / f".{world.name}.k1ll3d_0.tmp"
+    (stale / world.name / "images").mkdir(parents=True)
+    assert syn.materialize(cfg) == world and syn.is_complete(world)
+    assert not stale.exists()

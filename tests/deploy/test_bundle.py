@@ -22,6 +22,7 @@ from kdprompt.deploy.encoder import (
     fold_projector,
     open_clip_config,
 )
+from kdprompt.deploy.export import manifest_digest, seal_manifest
 from kdprompt.errors import KdpromptError
 from kdprompt.evaluate import evaluate_base_novel
 from kdprompt.models import ModelSpec, create_clip
@@ -221,9 +222,141 @@ def test_damaged_or_foreign_bundles_are_refused_with_the_fix(bundle_dir, student
     shutil.copytree(bundle_dir, copy)
     (copy / "image_encoder.onnx").unlink()
     manifest["files"].pop("image_encoder.onnx")
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    (copy / "manifest.json").write_text(json.dumps(seal_manifest(manifest)))
     with pytest.raises(KdpromptError, match=r"export RUN OUT --onnx"):
         load_bundle(copy, backend="onnx")
+
+
+def _edited_copy(bundle_dir: Path, to: Path, edit, seal: bool = True) -> Path:
+    """A copy of the bundle whose manifest ``edit`` changed (and re-sealed, unless ``seal`` is False)."""
+    shutil.copytree(bundle_dir, to)
+    manifest = json.loads((to / "manifest.json").read_text())
+    edit(manifest)
+    (to / "manifest.json").write_text(json.dumps(seal_manifest(manifest) if seal else manifest))
+    return to
+
+
+def test_a_hand_edited_manifest_is_detected(bundle_dir, tmp_path):
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    assert manifest["manifest_sha256"] == manifest_digest(manifest)
+    edited = _edited_copy(bundle_dir, tmp_path / "b", lambda m: m.update(logit_scale=1.0), seal=False)
+    with pytest.raises(
+        KdpromptError, match=r"manifest.json does not match its manifest_sha256.*kdprompt export"
+    ):
+        load_bundle(edited)
+    unsealed = _edited_copy(bundle_dir, tmp_path / "c", lambda m: m.pop("manifest_sha256"), seal=False)
+    with pytest.raises(KdpromptError, match=r"manifest.json has no manifest_sha256"):
+        load_bundle(unsealed, verify=False)
+
+
+def _drop_files(m):
+    del m["files"]
+
+
+def _escape(rel):
+    return lambda m: m["files"].update({rel: "0" * 64})
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (_drop_files, r"files must be an object mapping every file.*it is missing"),
+        (lambda m: m["files"].pop("encoder.safetensors"), r"files does not list encoder.safetensors"),
+        (_escape("../../etc/hostname"), r"outside the bundle \('../../etc/hostname'\)"),
+        (_escape("/etc/hostname"), r"outside the bundle \('/etc/hostname'\)"),
+        (_escape("cache/../../x"), r"outside the bundle"),
+        (lambda m: m.pop("cache"), r"cache must be an object with the teacher_fingerprint, it is missing"),
+        (lambda m: m.pop("model"), r"model must be an object"),
+        (lambda m: m.pop("preprocess"), r"preprocess must be an object"),
+        (lambda m: m["preprocess"].update(size=7), r"preprocess is not a valid open_clip PreprocessCfg"),
+        (lambda m: m.update(format_version="1"), r"format_version must be an integer, got '1'"),
+    ],
+)
+def test_a_malformed_manifest_is_one_clear_error(bundle_dir, tmp_path, edit, match):
+    # Even re-sealed (so the digest passes), the manifest must list every file, inside the bundle.
+    bad = _edited_copy(bundle_dir, tmp_path / "b", edit)
+    with pytest.raises(KdpromptError, match=match) as err:
+        load_bundle(bad)
+    assert "re-export" in str(err.value)
+
+
+def test_a_listed_file_linking_out_of_the_bundle_is_never_read(bundle_dir, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(bundle_dir, copy)
+    outside = tmp_path / "outside.json"
+    shutil.copy(copy / "preprocess.json", outside)  # same bytes: only the location is wrong
+    (copy / "preprocess.json").unlink()
+    (copy / "preprocess.json").symlink_to(outside)
+    with pytest.raises(
+        KdpromptError, match=r"changed since export: preprocess.json \(a link out of the bundle\)"
+    ):
+        load_bundle(copy)
+
+
+def test_predict_cli_reports_a_damaged_manifest_without_traceback(cli, bundle_dir, tmp_path):
+    bad = _edited_copy(bundle_dir, tmp_path / "b", lambda m: m.pop("cache"))
+    result = cli("predict", bad, bundle_dir / "preprocess.json")
+    assert result.exit_code == 2 and "cache must be an object" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_export_overwrite_replaces_only_a_bundle(cli, student_run, tmp_path):
+    cache_copy = tmp_path / "cache-copy"
+    shutil.copytree(student_run["cache"], cache_copy)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "manifest.json").write_text("{}")
+    (project / "thesis.tex").write_text("years of work")
+    for folder in (cache_copy, project):
+        before = {p.name: p.read_bytes() for p in folder.iterdir()}
+        result = cli("export", student_run["student"], folder, "--overwrite")
+        assert result.exit_code == 2 and f"{folder} exists and is not a kdprompt bundle" in result.output
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli("export", student_run["student"], empty).exit_code == 0
+    load_bundle(empty)
+
+
+def test_cache_cli_replaces_a_cache_only_with_overwrite(cli, student_run, bundle_dir, tmp_path):
+    from kdprompt.text_features import load_cache
+
+    classes = tmp_path / "classes.txt"
+    classes.write_text("red circle\nteal hexagon\n")
+    bundle = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, bundle)
+    refused = cli("cache", student_run["teacher"], "--classes", classes, "--out", bundle, "--overwrite")
+    assert (
+        refused.exit_code == 2
+        and f"{bundle}: it is a non-empty directory that is not a cache" in refused.output
+    )
+    load_bundle(bundle)  # untouched
+
+    cache = tmp_path / "cache"
+    shutil.copytree(student_run["cache"], cache)
+    kept = cli("cache", student_run["teacher"], "--classes", classes, "--out", cache)
+    assert kept.exit_code == 2 and f"{cache} already holds a text-feature cache" in kept.output
+    assert "--overwrite" in kept.output and load_cache(cache).num_classes == 48
+    replaced = cli("cache", student_run["teacher"], "--classes", classes, "--out", cache, "--overwrite")
+    assert replaced.exit_code == 0, replaced.output
+    assert load_cache(cache).classnames == ["red circle", "teal hexagon"]
+
+
+def test_invalid_teacher_json_is_one_clear_error(cli, student_run, tmp_path):
+    teacher = tmp_path / "runs" / "t" / "teacher"
+    shutil.copytree(student_run["teacher"], teacher)
+    (teacher / "teacher.json").write_text('{"model": ')
+    classes = tmp_path / "classes.txt"
+    classes.write_text("red circle\n")
+    result = cli("cache", teacher, "--classes", classes, "--out", tmp_path / "c")
+    assert result.exit_code == 2 and f"{teacher / 'teacher.json'} is not readable JSON" in result.output
+    (teacher / "teacher.json").write_text("[]")
+    result = cli("cache", teacher, "--classes", classes, "--out", tmp_path / "c")
+    assert result.exit_code == 2 and "teacher.json is not a JSON object" in result.output
+    (teacher / "teacher.json").write_text("{}")
+    result = cli("cache", teacher, "--classes", classes, "--out", tmp_path / "c")
+    assert result.exit_code == 2 and "lacks or has malformed field(s) fingerprint" in result.output
+    assert not (tmp_path / "c").exists()
 
 
 def test_folding_the_projector_batchnorm_keeps_its_output():

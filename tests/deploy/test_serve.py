@@ -6,13 +6,19 @@ import asyncio
 import base64
 import io
 import json
+import logging
 import os
 import re
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import torch
@@ -24,7 +30,7 @@ httpx = pytest.importorskip("httpx")
 
 from kdprompt.deploy import Prediction  # noqa: E402
 from kdprompt.deploy.serve.batcher import BatcherError, MicroBatcher  # noqa: E402
-from kdprompt.deploy.serve.loadtest import percentile, run_load_test  # noqa: E402
+from kdprompt.deploy.serve.loadtest import encode_multipart, percentile, run_load_test  # noqa: E402
 
 MAX_IMAGE_MB = 0.05  # 52428 bytes: small PNGs pass, a 256x256 noise PNG does not
 MAX_IMAGES = 8
@@ -341,6 +347,228 @@ def test_bench_serve_command(bundle_dir):
     assert figures["errors"] == 0 and figures["requests"] == 40 and figures["mean_batch"] >= 1
 
 
+# ----------------------------------------------------------------------- clients that go or stall
+
+
+class _Records(logging.Handler):
+    """Keeps the log records of the server's loggers (uvicorn's and the app's)."""
+
+    NAMES = ("uvicorn.error", "kdprompt.deploy.serve")
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def matching(self, text: str) -> list[logging.LogRecord]:
+        return [r for r in self.records if text in r.getMessage()]
+
+    def errors(self) -> list[str]:
+        """Records at ERROR or above, or carrying a traceback."""
+        return [r.getMessage() for r in self.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+@contextmanager
+def _served(app) -> Iterator[tuple[str, _Records]]:
+    """``app`` under uvicorn in a thread (as ``kdprompt serve`` runs it); yields its URL and its log."""
+    from kdprompt.deploy.serve.server import background_server
+
+    records = _Records()
+    with background_server(app, log_level="info") as url:
+        # After uvicorn configured logging (which replaces the handlers of the loggers it names).
+        for name in _Records.NAMES:
+            logging.getLogger(name).addHandler(records)
+        try:
+            yield url, records
+        finally:
+            for name in _Records.NAMES:
+                logging.getLogger(name).removeHandler(records)
+
+
+def _send_raw(
+    url: str, body: bytes, content_type: str, *, content_length: int | None = None
+) -> socket.socket:
+    """A connection that has sent a classify request: its headers, then ``body`` (maybe only part of it)."""
+    parts = urlsplit(url)
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=10)
+    length = len(body) if content_length is None else content_length
+    head = (
+        f"POST /v1/classify HTTP/1.1\r\nHost: test\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + body)
+    return sock
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.mark.slow
+def test_abandoned_requests_never_reach_the_model(local_bundle, monkeypatch):
+    from kdprompt.deploy.serve import create_app
+
+    abandoned, model_s = 10, 0.5
+    first_call_may_end = threading.Event()
+    batch_sizes: list[int] = []
+    real = local_bundle.predict_tensor
+
+    def slow_model(batch, k, sources):
+        batch_sizes.append(len(batch))
+        if len(batch_sizes) == 1:
+            first_call_may_end.wait(20)  # hold the model while the other requests queue up behind it
+        time.sleep(model_s)
+        return real(batch, k, sources)
+
+    monkeypatch.setattr(local_bundle, "predict_tensor", slow_model)
+    app = create_app(local_bundle, max_batch=8, max_wait_ms=0)
+    batcher = app.state.batcher
+    body, content_type = encode_multipart([(f"{i}.png", SMALL) for i in range(8)])
+    with _served(app) as (url, log):
+        clients = [_send_raw(url, body, content_type) for _ in range(abandoned)]
+        # One request's images are in the model, the other nine requests' wait in the queue.
+        assert _wait_until(lambda: batch_sizes == [8] and len(batcher._pending) == (abandoned - 1) * 8)
+        for sock in clients:
+            sock.close()
+        _wait_until(lambda: not batcher._pending, timeout=5)
+        first_call_may_end.set()
+        start = time.monotonic()
+        response = httpx.post(f"{url}/v1/classify", files={"images": ("real.png", SMALL)}, timeout=60)
+        elapsed = time.monotonic() - start
+        assert _wait_until(
+            lambda: len(log.matching("disconnected while waiting for its answer")) == abandoned
+        )
+    assert response.status_code == 200, response.text
+    # The model ran the batch already in it when the clients left, then the real request: nothing else.
+    assert batch_sizes == [8, 1]
+    # Without the fix, the nine abandoned batches (4.5 s of model time) ran before the real request.
+    assert elapsed < (abandoned - 1) * model_s / 2, elapsed
+    assert log.errors() == []
+
+
+@pytest.mark.slow
+def test_client_hanging_up_mid_body_logs_one_line(local_bundle):
+    from kdprompt.deploy.serve import create_app
+
+    body, content_type = encode_multipart([(f"{i}.png", SMALL) for i in range(4)])
+    ports = []
+    with _served(create_app(local_bundle)) as (url, log):
+        for _ in range(3):
+            sock = _send_raw(url, body[: len(body) // 2], content_type, content_length=len(body))
+            ports.append(sock.getsockname()[1])
+            time.sleep(0.1)
+            sock.close()
+        assert _wait_until(lambda: len(log.matching("disconnected while sending its request body")) == 3)
+        assert httpx.post(f"{url}/v1/classify", files={"images": ("ok.png", SMALL)}).status_code == 200
+    lines = log.matching("disconnected")
+    assert [r.levelno for r in lines] == [logging.INFO] * 3
+    assert (
+        sorted(f"client 127.0.0.1:{port} " in r.getMessage() for port in ports for r in lines).count(True)
+        == 3
+    )
+    assert log.errors() == [], "a hang-up was logged as an error (with a traceback)"
+
+
+@pytest.mark.slow
+def test_half_sent_body_answers_408_and_closes(local_bundle):
+    from kdprompt.deploy.serve import create_app
+
+    body, content_type = encode_multipart([("a.png", SMALL)])
+    with _served(create_app(local_bundle, body_timeout=0.5)) as (url, log):
+        start = time.monotonic()
+        sock = _send_raw(url, body[: len(body) // 2], content_type, content_length=len(body))
+        answer = b""
+        while chunk := sock.recv(65536):  # until the server closes the connection
+            answer += chunk
+        elapsed = time.monotonic() - start
+        sock.close()
+        assert httpx.post(f"{url}/v1/classify", files={"images": ("ok.png", SMALL)}).status_code == 200
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408") and b"connection: close" in head.lower()
+    assert "--body-timeout" in json.loads(payload)["detail"]
+    assert 0.5 <= elapsed < 5
+    (line,) = log.matching("sent no complete request body")
+    assert line.levelno == logging.WARNING and "client 127.0.0.1:" in line.getMessage()
+    assert log.errors() == []
+
+
+def _photo(size: tuple[int, int]) -> bytes:
+    """A JPEG with some structure (so that a draft-decoded copy could differ)."""
+    img = Image.radial_gradient("L").resize(size).convert("RGB")
+    img.paste((250, 250, 0), (size[0] // 4, size[1] // 4, size[0] // 2, size[1] // 2))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_large_jpeg_opens_as_a_draft_other_formats_whole():
+    from kdprompt.deploy.serve.inputs import decode_image, open_image
+
+    jpeg = _photo((1024, 768))
+    # 1/8 scale leaves 128x96, both sides still >= 64; a full decode would be 1024x768.
+    assert open_image(jpeg, "big.jpg", 2**26, draft_size=64).size == (128, 96)
+    assert decode_image(jpeg, "big.jpg", 2**26, draft_size=64).size == (128, 96)
+    assert open_image(jpeg, "big.jpg", 2**26, draft_size=448).size == (1024, 768)  # 1/2 would be < 448
+    assert open_image(jpeg, "big.jpg", 2**26).size == (1024, 768)
+    assert open_image(_png((1024, 768)), "big.png", 2**26, draft_size=64).size == (1024, 768)
+
+
+@pytest.mark.slow
+def test_served_large_jpeg_is_decoded_through_a_draft(local_bundle, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    import kdprompt.deploy.serve.app as serve_app
+    from kdprompt.deploy.serve import create_app
+    from kdprompt.deploy.serve.inputs import decode_image
+
+    decoded_sizes = []
+    real_load = serve_app.load_rgb
+
+    def recording_load(img, name, max_pixels):
+        decoded_sizes.append(img.size)
+        return real_load(img, name, max_pixels)
+
+    monkeypatch.setattr(serve_app, "load_rgb", recording_load)
+    jpeg = _photo((1024, 768))
+    with TestClient(create_app(local_bundle)) as c:
+        response = c.post("/v1/classify", files={"images": ("big.jpg", jpeg)}, data={"k": "3"})
+    assert response.status_code == 200, response.text
+    # The bundle's inputs are 32x32: drafted to twice that at least, not decoded at 1024x768.
+    assert local_bundle.input_size == (3, 32, 32) and decoded_sizes == [(128, 96)]
+    (got,) = response.json()["predictions"]
+    (want,) = local_bundle.predict(decode_image(jpeg, "big.jpg", 2**26, draft_size=64), k=3)
+    assert got["indices"] == want.indices and got["probs"] == pytest.approx(want.probs, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_request_over_the_total_pixel_limit_answers_413_before_decoding(local_bundle, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    import kdprompt.deploy.serve.app as serve_app
+    from kdprompt.deploy.serve import create_app
+
+    loads = []
+    monkeypatch.setattr(serve_app, "load_rgb", lambda *args: loads.append(args) or Image.new("RGB", (8, 8)))
+    png = _png((100, 100))
+    with TestClient(create_app(local_bundle, max_request_pixels=25_000)) as c:
+        # 3 x 10,000 pixels; the last file is cut after its header: decoding it would answer 400.
+        files = [("images", ("a.png", png)), ("images", ("b.png", png)), ("images", ("cut.png", png[:80]))]
+        response = c.post("/v1/classify", files=files)
+        within = c.post("/v1/classify", files=files[:2])
+    assert response.status_code == 413, response.text
+    detail = response.json()["detail"]
+    assert "0.03 megapixels" in detail and "limit of 0.025 megapixels" in detail
+    assert "--max-request-megapixels" in detail
+    assert within.status_code == 200 and len(loads) == 2  # only the request within the limit was decoded
+
+
 # ------------------------------------------------------------------------------------------ batcher
 
 
@@ -474,3 +702,24 @@ def test_percentile():
         percentile(values, 50) == 50.0 and percentile(values, 99) == 99.0 and percentile(values, 100) == 100.0
     )
     assert percentile([], 50) == 0.0 and percentile([3.0], 99) == 3.0
+
+
+def test_batcher_forgets_cancelled_requests():
+    model = FakeModel()
+
+    async def main():
+        batcher = MicroBatcher(model, max_batch=8, max_wait_ms=200, max_queue=7)
+        await batcher.start()
+        try:
+            # A request whose client went away is cancelled while its images wait for others to join.
+            gone = asyncio.ensure_future(batcher.submit([_image(i) for i in range(7)], 1, ["gone"] * 7))
+            await asyncio.sleep(0.01)
+            gone.cancel()
+            await asyncio.gather(gone, return_exceptions=True)
+            # Its images no longer fill the queue (this was a 503 "busy") nor reach the model.
+            return await batcher.submit([_image(5)], 1, ["real"])
+        finally:
+            await batcher.stop()
+
+    (prediction,) = _run(main())
+    assert prediction.labels == ["5"] and model.calls == [(1, 1)]

@@ -10,9 +10,9 @@ import torch
 
 from kdprompt.errors import KdpromptError
 from kdprompt.objectives import OBJECTIVES, DistillBatch, DistillObjectives
-from kdprompt.objectives.crd import CRDObjectiveConfig
+from kdprompt.objectives.crd_image import CRDImageObjectiveConfig
 from kdprompt.objectives.fd import FDObjectiveConfig
-from kdprompt.objectives.icl import ICLObjectiveConfig
+from kdprompt.objectives.icl_image import ICLImageObjectiveConfig
 from kdprompt.objectives.kl import KLObjectiveConfig
 
 B, C, D = 4, 5, 3
@@ -135,7 +135,7 @@ def test_fd_matches_loop(batch):
 
 
 def test_icl_matches_loop_and_learns_its_temperature(batch):
-    icl = OBJECTIVES.get("icl")(ICLObjectiveConfig(init_temperature=0.5, min_temperature=0.01))
+    icl = OBJECTIVES.get("icl_image")(ICLImageObjectiveConfig(init_temperature=0.5, min_temperature=0.01))
     assert icl.log_scale.item() == pytest.approx(math.log(2.0))
     loss = icl(batch)
     assert loss.item() == pytest.approx(ref_icl(_np(batch.student), _np(batch.teacher), 2.0), rel=1e-5)
@@ -146,7 +146,7 @@ def test_icl_matches_loop_and_learns_its_temperature(batch):
 
 def test_icl_temperature_is_exponentiated_then_clamped(batch):
     """init 0.07 < min 0.1: the scale is 1/0.1 = 10, not exp(log(1/0.07)) and not the log value."""
-    icl = OBJECTIVES.get("icl")(ICLObjectiveConfig(init_temperature=0.07, min_temperature=0.1))
+    icl = OBJECTIVES.get("icl_image")(ICLImageObjectiveConfig(init_temperature=0.07, min_temperature=0.1))
     assert icl.scale.item() == pytest.approx(10.0)
     expected = ref_icl(_np(batch.student), _np(batch.teacher), 10.0)
     assert icl(batch).item() == pytest.approx(expected, rel=1e-5)
@@ -155,7 +155,7 @@ def test_icl_temperature_is_exponentiated_then_clamped(batch):
 def test_icl_gradient_reaches_student(batch):
     s = batch.student.clone().requires_grad_(True)
     batch.student = s
-    OBJECTIVES.get("icl")(ICLObjectiveConfig())(batch).backward()
+    OBJECTIVES.get("icl_image")(ICLImageObjectiveConfig())(batch).backward()
     assert s.grad is not None and s.grad.abs().sum() > 0
 
 
@@ -164,7 +164,7 @@ def test_icl_gradient_reaches_student(batch):
 
 @pytest.mark.parametrize("tau", [0.07, 0.5, 1.0])
 def test_crd_matches_double_loop(batch, tau):
-    crd = OBJECTIVES.get("crd")(CRDObjectiveConfig(temperature=tau))
+    crd = OBJECTIVES.get("crd_image")(CRDImageObjectiveConfig(temperature=tau))
     expected = ref_crd(_np(batch.student), _np(batch.teacher), tau)
     assert crd(batch).item() == pytest.approx(expected, rel=1e-4, abs=1e-7)
 
@@ -172,7 +172,7 @@ def test_crd_matches_double_loop(batch, tau):
 def test_crd_gradient_is_finite(batch):
     s = batch.student.clone().requires_grad_(True)
     batch.student = s
-    OBJECTIVES.get("crd")(CRDObjectiveConfig())(batch).backward()
+    OBJECTIVES.get("crd_image")(CRDImageObjectiveConfig())(batch).backward()
     assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
 
 
@@ -185,13 +185,13 @@ def test_crd_two_samples_is_zero():
         text=torch.eye(D),
         logit_scale=1.0,
     )
-    assert OBJECTIVES.get("crd")(CRDObjectiveConfig())(b).item() == pytest.approx(0.0, abs=1e-7)
+    assert OBJECTIVES.get("crd_image")(CRDImageObjectiveConfig())(b).item() == pytest.approx(0.0, abs=1e-7)
 
 
 def test_crd_needs_two_samples(batch):
     one = DistillBatch(batch.student[:1], batch.teacher[:1], batch.text, batch.logit_scale)
     with pytest.raises(KdpromptError, match="at least 2"):
-        OBJECTIVES.get("crd")(CRDObjectiveConfig())(one)
+        OBJECTIVES.get("crd_image")(CRDImageObjectiveConfig())(one)
 
 
 # ------------------------------------------------------------------------------------ shared facts
@@ -203,7 +203,7 @@ def test_crd_needs_two_samples(batch):
         ("kl", KLObjectiveConfig(temperature=2.0)),
         ("kl", KLObjectiveConfig(reduction="mean")),
         ("fd", FDObjectiveConfig()),
-        ("crd", CRDObjectiveConfig()),
+        ("crd_image", CRDImageObjectiveConfig()),
     ],
 )
 def test_zero_when_student_is_teacher(batch, name, cfg):
@@ -212,8 +212,8 @@ def test_zero_when_student_is_teacher(batch, name, cfg):
 
 
 def test_registry_names():
-    assert OBJECTIVES.names() == ["crd", "fd", "icl", "kl"]
-    with pytest.raises(KdpromptError, match="available: crd, fd, icl, kl"):
+    assert OBJECTIVES.names() == ["crd_image", "fd", "icl_image", "kl"]
+    with pytest.raises(KdpromptError, match="available: crd_image, fd, icl_image, kl"):
         OBJECTIVES.get("mse")
 
 
@@ -224,19 +224,19 @@ def test_combiner_weights_and_total(batch):
     cfg = dict(
         kl=KLObjectiveConfig(weight=1000.0, reduction="mean"),
         fd=FDObjectiveConfig(weight=2000.0),
-        icl=ICLObjectiveConfig(weight=0.5),
-        crd=CRDObjectiveConfig(weight=3.0),
+        icl_image=ICLImageObjectiveConfig(weight=0.5),
+        crd_image=CRDImageObjectiveConfig(weight=3.0),
     )
     objectives = DistillObjectives(cfg)
-    assert objectives.names == ["kl", "fd", "icl", "crd"]
+    assert objectives.names == ["kl", "fd", "icl_image", "crd_image"]
     out = objectives(batch)
-    assert set(out) == {"kl", "fd", "icl", "crd", "loss"}
+    assert set(out) == {"kl", "fd", "icl_image", "crd_image", "loss"}
     s, t = _np(batch.student), _np(batch.teacher)
     expected = {
         "kl": 1000.0 * ref_kl_sum(batch, 1.0) / (B * C),
         "fd": 2000.0 * float(np.mean((s - t) ** 2)),
-        "icl": 0.5 * ref_icl(s, t, 1 / 0.07),
-        "crd": 3.0 * ref_crd(s, t, 0.07),
+        "icl_image": 0.5 * ref_icl(s, t, 1 / 0.07),
+        "crd_image": 3.0 * ref_crd(s, t, 0.07),
     }
     for name, value in expected.items():
         assert out[name].item() == pytest.approx(value, rel=1e-4), name
@@ -253,15 +253,15 @@ def test_combiner_only_named_objectives(batch):
 
 
 def test_combiner_keeps_icl_temperature_in_state(batch):
-    objectives = DistillObjectives(dict(icl=ICLObjectiveConfig(init_temperature=0.1)))
+    objectives = DistillObjectives(dict(icl_image=ICLImageObjectiveConfig(init_temperature=0.1)))
     params = dict(objectives.named_parameters())
-    assert list(params) == ["terms.icl.log_scale"]
+    assert list(params) == ["terms.icl_image.log_scale"]
     objectives(batch)["loss"].backward()
-    assert params["terms.icl.log_scale"].grad is not None
+    assert params["terms.icl_image.log_scale"].grad is not None
     state = objectives.state_dict()
-    fresh = DistillObjectives(dict(icl=ICLObjectiveConfig()))
+    fresh = DistillObjectives(dict(icl_image=ICLImageObjectiveConfig()))
     fresh.load_state_dict(state)
-    assert fresh.terms["icl"].scale.item() == pytest.approx(10.0, rel=1e-6)
+    assert fresh.terms["icl_image"].scale.item() == pytest.approx(10.0, rel=1e-6)
 
 
 def test_combiner_runs_in_float32_under_autocast(batch):
@@ -279,6 +279,7 @@ def test_combiner_runs_in_float32_under_autocast(batch):
 
 def test_no_objective_is_an_error():
     with pytest.raises(
-        KdpromptError, match=r"name at least one objective under `objectives:` \(kl, fd, icl, crd\)"
+        KdpromptError,
+        match=r"name at least one objective under `objectives:` \(kl, fd, icl_image, crd_image\)",
     ):
         DistillObjectives(dict())

@@ -142,9 +142,26 @@ def test_stale_index_is_refused(tmp_path):
     faiss.write_index(index, str(tmp_path / "cache" / INDEX_FILE))
     with pytest.raises(KdpromptError, match="stale"):
         load_cache(tmp_path / "cache")
-    lazy = load_cache(tmp_path / "cache", load_index=False)  # training needs no index
+    # Training keeps no index in memory, but a stale one is still refused when the cache is opened.
     with pytest.raises(KdpromptError, match="stale"):
-        _ = lazy.index
+        load_cache(tmp_path / "cache", load_index=False)
+
+
+@pytest.mark.parametrize("garbage", [b"", b"not an index\n", bytes(range(256)) * 2])
+def test_garbage_index_is_refused_when_the_cache_is_opened(tmp_path, garbage):
+    # What distill opens (load_index=False): a garbage index used to pass and only fail at export.
+    make(tmp_path, count=4, dim=8)
+    (tmp_path / "cache" / INDEX_FILE).write_bytes(garbage)
+    with pytest.raises(KdpromptError) as err:
+        load_cache(tmp_path / "cache", load_index=False)
+    message = str(err.value)
+    assert f"{INDEX_FILE} is not a readable FAISS index" in message and "kdprompt cache" in message
+
+
+def test_lazy_index_is_dropped_then_read_again(tmp_path):
+    make(tmp_path, count=4, dim=8)
+    lazy = load_cache(tmp_path / "cache", load_index=False)
+    assert lazy._index is None and lazy.index.ntotal == 4
 
 
 def test_faiss_search_matches_torch(tmp_path):
@@ -236,6 +253,47 @@ def test_build_refuses_bad_input(tmp_path):
         build_cache(torch.randn(2, 4), ["a", "b"], not_a_cache, **ok)
     assert (not_a_cache / "thesis.tex").is_file()
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize(
+    "manifest", [{}, {"format": "kdprompt-student-bundle", "format_version": 1}, {"kind": "something-else"}]
+)
+def test_build_replaces_only_a_cache_whatever_holds_a_manifest(tmp_path, manifest):
+    # A folder with a manifest.json is not a cache: a bundle, or anyone's project, is never replaced.
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    (folder / "thesis.tex").write_text("years of work")
+    with pytest.raises(KdpromptError, match=r"folder.*not a cache.*kdprompt-text-cache"):
+        build_cache(torch.randn(2, 4), ["a", "b"], folder, teacher_fingerprint=FP, logit_scale=100.0)
+    assert sorted(p.name for p in folder.iterdir()) == [MANIFEST_FILE, "thesis.tex"]
+
+
+def test_build_replaces_a_cache_only_with_overwrite(tmp_path):
+    make(tmp_path, count=4, dim=8)
+    with pytest.raises(KdpromptError, match=r"already holds a text-feature cache.*--overwrite"):
+        make(tmp_path, count=5, dim=8, overwrite=False)
+    assert load_cache(tmp_path / "cache").num_classes == 4
+    make(tmp_path, count=5, dim=8, overwrite=True)
+    assert load_cache(tmp_path / "cache").num_classes == 5
+    (tmp_path / "empty").mkdir()  # an empty folder holds nothing to lose
+    build_cache(
+        torch.randn(2, 4),
+        ["a", "b"],
+        tmp_path / "empty",
+        teacher_fingerprint=FP,
+        logit_scale=1.0,
+        overwrite=False,
+    )
+    assert load_cache(tmp_path / "empty").num_classes == 2
+
+
+def test_load_puts_back_a_cache_left_aside_by_a_killed_swap(tmp_path):
+    # A rebuild killed between the two renames of its directory swap: only .cache.old is left.
+    make(tmp_path, count=4, dim=8)
+    (tmp_path / "cache").rename(tmp_path / ".cache.old")
+    cache = load_cache(tmp_path / "cache")
+    assert cache.num_classes == 4 and [p.name for p in tmp_path.iterdir()] == ["cache"]
 
 
 def test_read_classnames_text_and_json(tmp_path):

@@ -53,7 +53,7 @@ def test_distill_each_adaptation_through_the_cli(cli, tmp_path, trained, adaptat
     assert result.exit_code == 0, result.output
     run = tmp_path / "runs" / "d" / "student"
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert rows and all({"kl", "fd", "icl", "crd", "loss"} <= set(r) for r in rows)
+    assert rows and all({"kl", "fd", "icl_image", "crd_image", "loss"} <= set(r) for r in rows)
     meta = json.loads((run / "student.json").read_text())
     assert meta["student"]["adaptation"] == adaptation
     assert meta["teacher"]["fingerprint"] == load_teacher(trained["teacher"]).fingerprint
@@ -195,8 +195,7 @@ def test_bench_distill_prints_both_throughputs(cli, tmp_path, trained):
 def test_teacher_sees_the_students_augmented_view():
     from PIL import Image
 
-    from kdprompt.data.augment import AugmentationConfig, train_transform
-    from kdprompt.train.distill_loop import view_converter
+    from kdprompt.data.augment import AugmentationConfig, train_transform, view_converter
 
     # Two models with one image size but different normalisations: the converted student view is what
     # the teacher's own transform makes of the same random crop and flip.

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +25,7 @@ from kdprompt.errors import KdpromptError
 from kdprompt.train.checkpoint import Checkpoint, list_checkpoints, load_checkpoint, restore_rng_on_resume
 from kdprompt.train.metrics import read_jsonl
 from kdprompt.train.run import Run, Stage, open_run, run_stage
+from kdprompt.train.runlock import acquire_run_lock
 from kdprompt.train.runtime import cosine_lr
 
 SAMPLES, BATCH = 16, 4  # 4 steps per epoch
@@ -140,7 +146,7 @@ def test_a_run_writes_recipe_metrics_checkpoints_and_finishes(tmp_path, capsys):
     names = [p.name for p in list_checkpoints(out / "checkpoints")]
     assert names == ["step-00000002", "step-00000004", "step-00000006", "step-00000008"]
     last = load_checkpoint(out / "checkpoints" / "step-00000008")
-    assert list(last.meta) == ["step", "epoch_end", "total_steps", "recipe_fingerprint"]
+    assert list(last.meta) == ["step", "epoch_end", "total_steps", "recipe_fingerprint", "sha256"]
     assert last.meta["total_steps"] == 8 and last.meta["epoch_end"] is True
     assert last.state["counters"] == {"seen": 8 * BATCH}
     assert set(last.state) == {"optimizer", "counters", "rng"}
@@ -263,3 +269,94 @@ def test_open_run_builds_without_writing_the_run_directory(tmp_path):
     terms = stage.step(run, (torch.randn(BATCH, 4), torch.randn(BATCH, 1)))
     assert set(terms) == {"loss"} and stage.counters == {"seen": BATCH}
     assert not (tmp_path / "runs").exists()
+
+
+def flip_last_byte(file: Path) -> None:
+    data = bytearray(file.read_bytes())
+    data[-1] ^= 0x01
+    file.write_bytes(bytes(data))
+
+
+def test_a_bit_rotten_newest_checkpoint_is_skipped_and_the_run_still_matches(tmp_path, capsys):
+    run_stage(TinyStage(tiny(tmp_path, "full")))
+    run_stage(TinyStage(tiny(tmp_path, "rot", stop_after_steps=4)))
+    out = run_dir(tmp_path, "rot")
+    flip_last_byte(out / "checkpoints" / "step-00000004" / "weights.safetensors")
+    capsys.readouterr()
+    stage = TinyStage(tiny(tmp_path, "rot"))
+    run_stage(stage)
+    captured = capsys.readouterr()
+    assert "warning: skipping damaged checkpoint step-00000004" in captured.err
+    assert "weights.safetensors does not match the sha256" in captured.err
+    assert "resuming from" in captured.out and "step 2)" in captured.out
+    assert stage.finished and losses(out) == losses(run_dir(tmp_path, "full"))
+    a = load_file(str(run_dir(tmp_path, "full") / "final.safetensors"))
+    b = load_file(str(out / "final.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    load_checkpoint(out / "checkpoints" / "step-00000004")  # redone: sound again
+
+
+def test_a_second_run_of_the_same_directory_is_refused_naming_the_first(tmp_path):
+    out = run_dir(tmp_path, "busy")
+    held = acquire_run_lock(out)
+    try:
+        stray = out / "checkpoints" / ".step-00000002.abcd1234.tmp"
+        stray.mkdir(parents=True)  # the live run's temporary: must survive the refused run
+        with pytest.raises(KdpromptError) as err:
+            run_stage(TinyStage(tiny(tmp_path, "busy")))
+        message = str(err.value)
+        assert f"pid {os.getpid()} on host {socket.gethostname()}" in message
+        assert "in use by another run" in message and "wait" in message and "name=" in message
+        assert "\n" not in message and stray.is_dir() and not (out / "metrics.jsonl").exists()
+        # kdprompt bench distill opens a run without the lock: never refused, writes nothing.
+        run, _ = open_run(TinyStage(tiny(tmp_path, "busy")), resume=False, tensorboard=False)
+        assert run.lock is None
+    finally:
+        held.release()
+    stage = TinyStage(tiny(tmp_path, "busy"))
+    run_stage(stage)
+    assert stage.finished and not stray.exists()
+    acquire_run_lock(out).release()  # the finished run released its lock
+
+
+def test_a_killed_run_leaves_no_stale_lock(tmp_path):
+    out = run_dir(tmp_path, "killed")
+    script = (
+        "import os, signal, sys; from kdprompt.train.runlock import acquire_run_lock; "
+        "acquire_run_lock(sys.argv[1]); os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(out)])
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert json.loads((out / "run.lock").read_text())["pid"] == proc.pid  # the file stays, the lock not
+    stage = TinyStage(tiny(tmp_path, "killed", max_steps=2))
+    run_stage(stage)
+    assert stage.finished
+
+
+def test_a_refused_or_failed_run_releases_its_lock(tmp_path):
+    recipe = tiny(tmp_path, "fail")
+    out = run_dir(tmp_path, "fail")
+    (out / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (out / "checkpoints" / "step-00000002" / "meta.json").write_text("")
+    with pytest.raises(KdpromptError, match="every checkpoint under"):
+        run_stage(TinyStage(recipe))
+    acquire_run_lock(out).release()
+
+
+def test_a_dry_run_is_not_blocked_by_a_live_run(cli, tmp_path):
+    out = tmp_path / "runs" / "busy" / "pretrain"
+    held = acquire_run_lock(out)
+    try:
+        result = cli(
+            "pretrain", "demo/pretrain-student", "--dry-run", "name=busy", f"output_dir={tmp_path / 'runs'}"
+        )
+    finally:
+        held.release()
+    assert result.exit_code == 0 and "name: busy" in result.output
+
+
+def test_a_run_directory_that_cannot_be_created_is_one_clear_error(tmp_path):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "blocked").write_text("a file where the run directory should go")
+    with pytest.raises(KdpromptError, match=r"cannot lock the run directory .*blocked.*check output_dir"):
+        run_stage(TinyStage(tiny(tmp_path, "blocked")))

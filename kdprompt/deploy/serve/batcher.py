@@ -137,9 +137,14 @@ class MicroBatcher:
         ]
         self._pending.extend(items)
         self._wake.set()
-        # If this request is cancelled (client gone), gather cancels the futures and the worker skips them.
-        # return_exceptions: wait for (and so retrieve) every future, even after one failed.
-        results = await asyncio.gather(*(item.future for item in items), return_exceptions=True)
+        try:
+            # return_exceptions: wait for (and so retrieve) every future, even after one failed.
+            results = await asyncio.gather(*(item.future for item in items), return_exceptions=True)
+        except asyncio.CancelledError:
+            # The request was cancelled (its client is gone): gather cancelled the futures, so the worker
+            # skips them; drop them from the queue now, so they don't count against max_queue either.
+            self._pending = collections.deque(item for item in self._pending if not item.future.done())
+            raise
         for result in results:
             if isinstance(result, BaseException):
                 raise result
@@ -170,8 +175,13 @@ class MicroBatcher:
                 await asyncio.wait_for(self._wake.wait(), remaining)
             except asyncio.TimeoutError:
                 break
-        batch = [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
-        return [item for item in batch if not item.future.done()]
+        # Skip images whose request was cancelled (client gone): they must not cost a model call.
+        batch: list[_Item] = []
+        while self._pending and len(batch) < self.max_batch:
+            item = self._pending.popleft()
+            if not item.future.done():
+                batch.append(item)
+        return batch
 
     async def _process(self, batch: list[_Item]) -> None:
         loop = asyncio.get_running_loop()

@@ -1,15 +1,19 @@
 """Reading a classify request: image files and ``k`` from a multipart/form-data or JSON body.
 
-The body is read in chunks and refused with a 413 as soon as it passes the request's limit; every
-failure is an :class:`~kdprompt.deploy.serve.inputs.InputError` (a 4xx naming the fix).
+The body is read in chunks, refused with a 413 as soon as it passes the request's limit and with a 408
+when it has not all arrived within the body timeout; every failure is an
+:class:`~kdprompt.deploy.serve.inputs.InputError` (a 4xx naming the fix), except a client that hangs up,
+which is a :class:`ClientGone` (nobody is left to answer). :func:`until_disconnected` then watches the
+connection while the request is served.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
 from starlette.datastructures import UploadFile
@@ -20,6 +24,16 @@ from kdprompt.deploy.serve.schemas import Limits
 
 IMAGE_FIELDS = ("images", "image")
 JSON_EXAMPLE = '{"images": ["<base64>", ...], "k": 5}'
+
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its answer; ``when`` says at which point."""
+
+    def __init__(self, when: str) -> None:
+        super().__init__(f"the client disconnected {when}")
+        self.when = when
 
 
 @dataclass
@@ -36,8 +50,22 @@ def _content_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
+def body_timeout_message(timeout: float) -> str:
+    """The message for a body that did not all arrive within ``timeout`` seconds."""
+    return (
+        f"the request body did not arrive within {timeout:g} s; send the whole body without pausing "
+        "(or start the server with a larger --body-timeout)"
+    )
+
+
 async def _body_chunks(request: Request, limit: int, limits: Limits) -> AsyncIterator[bytes]:
-    """The request body, refused with a 413 as soon as it passes ``limit`` bytes."""
+    """The request body, refused with a 413 as soon as it passes ``limit`` bytes.
+
+    Raises:
+        InputError: 413 past ``limit``; 408 when the body has not all arrived ``limits.body_timeout``
+            seconds after reading began (a half-sent body would otherwise hold its connection forever).
+        ClientGone: the client hung up before the end of the body.
+    """
     declared = request.headers.get("content-length", "")
     too_big = (
         f"the request body is over {limit} bytes, the most this server reads in one request (at most "
@@ -46,12 +74,56 @@ async def _body_chunks(request: Request, limit: int, limits: Limits) -> AsyncIte
     )
     if declared.isdigit() and int(declared) > limit:
         raise InputError(413, too_big)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limits.body_timeout
     seen = 0
-    async for chunk in request.stream():
+    more = True
+    while more:
+        # The raw ASGI channel rather than request.stream(): it reports a hang-up as a message we can
+        # name, and one deadline covers the whole body, so a client trickling bytes cannot extend it.
+        try:
+            message = await asyncio.wait_for(request.receive(), deadline - loop.time())
+        except TimeoutError:
+            raise InputError(408, body_timeout_message(limits.body_timeout)) from None
+        if message["type"] == "http.disconnect":
+            raise ClientGone("while sending its request body")
+        chunk = message.get("body", b"")
+        more = message.get("more_body", False)
         seen += len(chunk)
         if seen > limit:
             raise InputError(413, too_big)
-        yield chunk
+        if chunk:
+            yield chunk
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # Once the body is read, the ASGI channel has nothing more to say until the client hangs up.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work`` (after the body is read), cancelling it if the client hangs up first.
+
+    The ASGI server does not cancel a request whose client has gone; without this its images would
+    still be decoded and run through the model, delaying the requests of clients still waiting.
+
+    Raises:
+        ClientGone: the client disconnected before ``work`` finished.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            # Let the cancellation settle (the batcher drops the images) before answering.
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise ClientGone("while waiting for its answer")
+    return task.result()
 
 
 async def _read_multipart(request: Request, limits: Limits) -> tuple[list[Upload], Any]:

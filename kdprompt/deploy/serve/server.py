@@ -1,11 +1,14 @@
 """Run an app with uvicorn: in the foreground (``kdprompt serve``) or in a thread (``kdprompt bench serve``).
 
 The listening socket is bound here rather than by uvicorn, so a busy port is a clean
-:class:`KdpromptError` and port 0 (any free port) prints the real address.
+:class:`KdpromptError` and port 0 (any free port) prints the real address. The app's own log lines
+(``kdprompt.deploy.serve.*``) go where uvicorn's do, and HTTP that uvicorn cannot parse is answered
+with a JSON error like the app's.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import socket
 import threading
@@ -72,11 +75,57 @@ def wait_healthy(url: str, timeout: float = 60.0, alive: threading.Thread | None
         time.sleep(0.05)
 
 
+APP_LOGGER = "kdprompt.deploy.serve"
+
+
+def _json_error_protocol() -> type:
+    """uvicorn's h11 protocol, answering a request it cannot parse with JSON ``{"detail": ...}``."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class JsonErrorH11Protocol(H11Protocol):
+        def send_400_response(self, msg: str) -> None:
+            body = json.dumps(
+                {"detail": f"malformed HTTP request ({msg.rstrip('.')}); send a well-formed HTTP/1.1 request"}
+            ).encode()
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ]
+            for event in (
+                h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+                h11.Data(data=body),
+                h11.EndOfMessage(),
+            ):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
+    return JsonErrorH11Protocol
+
+
+def uvicorn_config(app: Any, log_level: str) -> Any:
+    """The ``uvicorn.Config`` serving ``app``: its lifespan, JSON protocol errors, the app's log lines."""
+    import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
+
+    log_config = copy.deepcopy(LOGGING_CONFIG)
+    # Propagating too: harmless without root handlers (the CLI has none), and lets pytest capture it.
+    log_config["loggers"][APP_LOGGER] = {
+        "handlers": ["default"],
+        "level": log_level.upper(),
+        "propagate": True,
+    }
+    return uvicorn.Config(
+        app, log_level=log_level, lifespan="on", http=_json_error_protocol(), log_config=log_config
+    )
+
+
 def serve_forever(app: Any, sock: socket.socket, log_level: str = "info") -> None:
     """Serve ``app`` on ``sock`` with uvicorn until interrupted (Ctrl-C / SIGTERM shut it down cleanly)."""
     import uvicorn
 
-    uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on")).run(sockets=[sock])
+    uvicorn.Server(uvicorn_config(app, log_level)).run(sockets=[sock])
 
 
 @contextmanager
@@ -86,7 +135,7 @@ def background_server(app: Any, host: str = "127.0.0.1", log_level: str = "warni
 
     sock = bind_socket(host, 0)
     url = base_url(sock)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on"))
+    server = uvicorn.Server(uvicorn_config(app, log_level))
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, name="kdprompt-serve", daemon=True
     )

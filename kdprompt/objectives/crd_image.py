@@ -1,4 +1,9 @@
-"""``crd``: an image-to-image adaptation of CLIP-KD's contrastive relational distillation."""
+"""``crd_image``: an image-to-image adaptation of CLIP-KD's contrastive relational distillation.
+
+CLIP-KD's own CRD compares the in-batch image-to-*text* logits of teacher and student and needs
+captions: that is ``crd`` of ``kdprompt clipkd`` (:mod:`kdprompt.objectives.clipkd`). Here image-to-image
+relations (without the diagonal) stand in for them.
+"""
 
 from __future__ import annotations
 
@@ -11,23 +16,23 @@ from kdprompt.errors import KdpromptError
 from kdprompt.objectives.base import OBJECTIVES, DistillBatch, Objective, ObjectiveConfig
 
 
-class CRDObjectiveConfig(ObjectiveConfig):
-    """``crd``: KL between teacher and student in-batch relation distributions (CLIP-KD CRD)."""
+class CRDImageObjectiveConfig(ObjectiveConfig):
+    """``crd_image``: KL between teacher and student in-batch relation distributions (CLIP-KD CRD)."""
 
     temperature: float = Field(default=0.07, gt=0)
 
 
-@OBJECTIVES.register("crd")
-class CRDObjective(Objective):
+@OBJECTIVES.register("crd_image")
+class CRDImageObjective(Objective):
     """KL between teacher and student in-batch relation distributions (CLIP-KD CRD, image side).
 
     For each anchor k, ``p[k] = softmax over j ≠ k of (f_k·f_j / τ)``, from ``t`` for the teacher and
     ``s`` for the student; the loss is ``Σ_k KL(p_T[k] ‖ p_S[k]) / B``.
     """
 
-    Config = CRDObjectiveConfig
+    Config = CRDImageObjectiveConfig
 
-    def __init__(self, cfg: CRDObjectiveConfig) -> None:
+    def __init__(self, cfg: CRDImageObjectiveConfig) -> None:
         super().__init__(cfg)
         self.temperature = cfg.temperature
 
@@ -47,8 +52,8 @@ class CRDObjective(Objective):
         b = batch.student.shape[0]
         if b < 2:
             raise KdpromptError(
-                f"objective crd relates each image to the others in its batch and needs a batch of at least 2, "
-                f"got {b}; raise train.batch_size or drop crd"
+                f"objective crd_image relates each image to the others in its batch and needs a batch of at least 2, "
+                f"got {b}; raise train.batch_size or drop crd_image"
             )
         tau = self.temperature
         rel_t = self._off_diagonal(batch.teacher @ batch.teacher.t() / tau)
