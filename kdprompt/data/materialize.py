@@ -7,11 +7,11 @@ import json
 import re
 from pathlib import Path
 
-from kdprompt.data.folder_lock import folder_lock, remove_stale_temporaries
 from kdprompt.data.shard_format import SIZES_FILE
 from kdprompt.data.shard_writer import write_shards
 from kdprompt.data.sources import load_split
 from kdprompt.faults import crash_point
+from kdprompt.folder_lock import folder_lock, remove_stale_temporaries
 from kdprompt.io import atomic_path, recover_swap
 
 # Materialised training shards are written in this seeded order (whatever the recipe's seed, so

@@ -18,12 +18,12 @@ from typing import Any, Literal
 import webdataset as wds
 from PIL import Image
 
-from kdprompt.data.folder_lock import folder_lock, remove_stale_temporaries
 from kdprompt.data.shard_format import CLASSNAMES_FILE, DECODE_ERRORS, SHOW_SHARDS, SIZES_FILE
 from kdprompt.data.shard_urls import load_sizes_file
 from kdprompt.data.types import Sample, Split
 from kdprompt.errors import KdpromptError
 from kdprompt.faults import crash_point
+from kdprompt.folder_lock import folder_lock, remove_stale_temporaries
 from kdprompt.io import write_json_atomic
 
 logger = logging.getLogger(__name__)

@@ -31,11 +31,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pydantic import Field
 
-from kdprompt.data.folder_lock import folder_lock, remove_stale_temporaries
 from kdprompt.data.source import SOURCES, DataSource
 from kdprompt.data.splitfile import read_split_file, write_split_file
 from kdprompt.data.types import Sample, Split
 from kdprompt.errors import KdpromptError
+from kdprompt.folder_lock import folder_lock, remove_stale_temporaries
 from kdprompt.io import atomic_path
 
 # Bump whenever rendering, captions or the layout change: it is part of every world's hash.

@@ -15,7 +15,6 @@ import pytest
 import torch
 from PIL import Image
 
-from kdprompt.data.folder_lock import folder_lock
 from kdprompt.data.materialize import shards_for
 from kdprompt.data.shard_reader import batches_per_epoch_for, make_loader
 from kdprompt.data.shard_urls import expand_urls, read_sizes
@@ -24,6 +23,7 @@ from kdprompt.data.shards import ShardsData, load_shards_split
 from kdprompt.data.synthetic import SyntheticData
 from kdprompt.data.types import Sample, Split
 from kdprompt.errors import KdpromptError
+from kdprompt.folder_lock import folder_lock
 
 CLASSES = ["red square", "green circle", "blue triangle"]
 

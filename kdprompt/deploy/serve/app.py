@@ -98,8 +98,7 @@ def create_app(
         body_timeout=body_timeout,
     )
     # JPEGs are decoded at 1/2, 1/4 or 1/8 scale when that still leaves twice the model's input size:
-    # far less work for large photos, and the resize to the input size still antialiases as from the
-    # full image (a draft at the input size itself would change predictions more).
+    # far less work for large photos, while the final resize still has more pixels than it keeps.
     draft_size = 2 * max(bundle.input_size[1:])
     batcher = MicroBatcher(
         bundle.predict_tensor, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue

@@ -65,7 +65,14 @@ def classify_openapi(default_k: int) -> dict[str, Any]:
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Not an image, empty, bad base64, no images or bad k."},
-    413: {"model": ErrorResponse, "description": "An image or the request is too large, or too many images."},
+    408: {
+        "model": ErrorResponse,
+        "description": "The body did not all arrive within the server's body timeout.",
+    },
+    413: {
+        "model": ErrorResponse,
+        "description": "An image or the request is too large (bytes or pixels), or too many images.",
+    },
     415: {"model": ErrorResponse, "description": "Neither multipart/form-data nor application/json."},
     422: {"model": ErrorResponse, "description": "Malformed JSON, or an unknown or mistyped field."},
     503: {"model": ErrorResponse, "description": "Busy (queue full), starting or stopping; see Retry-After."},

@@ -83,7 +83,7 @@ async def _body_chunks(request: Request, limit: int, limits: Limits) -> AsyncIte
         # name, and one deadline covers the whole body, so a client trickling bytes cannot extend it.
         try:
             message = await asyncio.wait_for(request.receive(), deadline - loop.time())
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             raise InputError(408, body_timeout_message(limits.body_timeout)) from None
         if message["type"] == "http.disconnect":
             raise ClientGone("while sending its request body")

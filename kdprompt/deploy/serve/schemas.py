@@ -61,8 +61,8 @@ class Limits:
     max_images: int
     max_pixels: int
     max_request_bytes: int
-    max_request_pixels: int = 128_000_000
-    body_timeout: float = 30.0  # seconds for the whole body to arrive
+    max_request_pixels: int
+    body_timeout: float  # seconds for the whole body to arrive
 
     @property
     def multipart_body(self) -> int:

@@ -1,4 +1,4 @@
-"""One writer at a time per data folder, and the clean-up of temporaries that killed writers left.
+"""One writer at a time per folder, and the clean-up of temporaries that killed writers left.
 
 A writer holds :func:`folder_lock` on its target while it writes. Whoever holds that lock therefore
 knows that no live process is writing the target, so every temporary of it on disk belongs to a
