@@ -16,6 +16,11 @@ from kdprompt.cli.options import (
 )
 from kdprompt.errors import KdpromptError
 
+# kdprompt.deploy.export_clip.CLIP_TEMPLATE_SETS, spelled out so that `--help` does not import torch.
+CLIP_TEMPLATE_CHOICES = ("simple", "ensemble", "promptsrc")
+# kdprompt.text_features.ranking.INDEX_KINDS, likewise (it imports faiss).
+INDEX_CHOICES = ("auto", "flat", "ivf")
+
 
 def _size(path: Path) -> int:
     return (
@@ -52,11 +57,41 @@ def _human(n: float) -> str:
     default=None,
     help="Ship another class list of the same teacher (from `kdprompt cache TEACHER --classes FILE`).",
 )
+@click.option(
+    "--classes",
+    "classes",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="A CLIP run (clipkd, pretrain): the class names to encode with its own text tower (one per line).",
+)
+@click.option(
+    "--templates",
+    type=click.Choice(CLIP_TEMPLATE_CHOICES),
+    default=None,
+    help="A CLIP run: the prompts its text tower encodes each class with (default: simple).",
+)
+@click.option(
+    "--index",
+    type=click.Choice(INDEX_CHOICES),
+    default="auto",
+    show_default=True,
+    help="The FAISS index the bundle ranks classes with: auto keeps the one the cache was built with (a "
+    "cache from before kdprompt recorded it gets IVF from 200,000 classes); flat (exact) or ivf "
+    "(approximate, recall measured and recorded) rebuild it when it is another kind. See docs/VOCABULARY.md.",
+)
 @user_errors
 def export_command(
-    student_run: Path, out: Path, onnx: bool, opset: int, overwrite: bool, cache_dir: Path | None
+    student_run: Path,
+    out: Path,
+    onnx: bool,
+    opset: int,
+    overwrite: bool,
+    cache_dir: Path | None,
+    classes: Path | None,
+    templates: str | None,
+    index: str,
 ) -> None:
-    """Write a deployable bundle of a distilled student to OUT.
+    """Write a deployable bundle of a distilled student (or a whole CLIP run) to OUT.
 
     STUDENT_RUN is runs/<name> or runs/<name>/student (from `kdprompt distill`). The bundle holds the
     student image tower with its prompts and projector folded in (safetensors), the open_clip config to
@@ -65,18 +100,32 @@ def export_command(
     Loading it needs no teacher, no text tower, no network and no pickle. --cache ships the features of
     another class list of the same teacher instead, e.g. classes the student never saw.
 
+    A CLIP run (runs/<name>/clipkd from `kdprompt clipkd`, or runs/<name>/pretrain) has no class list:
+    --classes FILE is required, and its own text tower encodes those classes at export (--templates);
+    the bundle ships its image tower, those features, its logit scale and its preprocessing.
+
     \b
     Examples:
       kdprompt export runs/demo-distill-student runs/demo/bundle --onnx
       kdprompt cache runs/demo-teacher-promptsrc/teacher --classes new-classes.txt --out cache/new
       kdprompt export runs/demo-distill-student runs/demo/bundle-new --cache cache/new
+      kdprompt export runs/demo-clipkd-student runs/demo/clipkd-bundle --classes classes.txt --templates ensemble
       kdprompt predict runs/demo/bundle image.png
       kdprompt serve runs/demo/bundle --port 8000
     """
-    from kdprompt.deploy import export_bundle
+    from kdprompt.deploy.export_clip import export_run
+    from kdprompt.text_features.manifest import describe_index
 
-    manifest = export_bundle(
-        student_run, out, onnx=onnx, overwrite=overwrite, opset=opset, cache_dir=cache_dir
+    manifest = export_run(
+        student_run,
+        out,
+        onnx=onnx,
+        overwrite=overwrite,
+        opset=opset,
+        cache_dir=cache_dir,
+        classes=classes,
+        templates=templates,
+        index=index,
     )
     params = manifest["parameters"]
     click.echo(f"bundle written to {out} ({_human(_size(out))})")
@@ -89,6 +138,9 @@ def export_command(
         f"{params['prompts']:,} + projector {params['projector']:,}{ratio}"
     )
     click.echo(f"classes: {manifest['classes']['num_classes']}; fingerprint {manifest['fingerprint'][:16]}")
+    click.echo(f"index: {describe_index(manifest['cache'].get('index'))}")
+    if manifest.get("text_features_from") == "student":
+        click.echo(f"class features: its own text tower, templates {manifest['templates']}")
     if manifest["onnx"]:
         click.echo(
             f"onnx: {manifest['onnx']['file']} matches torch within {manifest['onnx']['max_abs_diff']:.1e}"
@@ -121,6 +173,10 @@ def predict_command(
     (and as {"image", "error"} with --json) and skipped; the rest are still classified. Exits 2 when
     no image could be classified.
 
+    Classes are ranked through the bundle's FAISS index. Up to 10,000 classes the probabilities are a
+    softmax over every class ("probabilities": "full" with --json); past that, or behind an IVF index
+    that did not reach every class, over the classes retrieved ("candidates", noted once on stderr).
+
     \b
     Examples:
       kdprompt predict runs/demo/bundle photo.jpg
@@ -138,6 +194,7 @@ def predict_command(
         click.echo("| " + " | ".join(header) + " |")
         click.echo("| " + " | ".join("---" for _ in header) + " |")
     done = skipped = 0
+    candidates = False
     for result in predict_files(bundle, files, k, batch_size):
         if isinstance(result, Skipped):
             skipped += 1
@@ -148,11 +205,18 @@ def predict_command(
         done += 1
         if as_json:
             fields = {"labels": result.labels, "probs": result.probs, "indices": result.indices}
-            click.echo(json.dumps({"image": result.source, **fields}))
+            click.echo(json.dumps({"image": result.source, **fields, "probabilities": result.probabilities}))
         else:
+            candidates = candidates or result.probabilities == "candidates"
             cells = [f"{label} ({prob:.3f})" for label, prob in zip(result.labels, result.probs, strict=True)]
             click.echo("| " + " | ".join([result.source, *cells]) + " |")
     click.echo(f"{done} image(s) classified, {skipped} skipped", err=True)
+    if candidates:
+        click.echo(
+            f"note: probabilities are a softmax over the classes the FAISS index retrieved, not over all "
+            f"{len(bundle.classnames):,} classes (each an upper bound); see docs/VOCABULARY.md",
+            err=True,
+        )
     if done == 0:
         raise KdpromptError(f"none of the {skipped} file(s) could be read as an image")
 

@@ -29,6 +29,7 @@ from kdprompt.deploy.export import (
 )
 from kdprompt.errors import KdpromptError
 from kdprompt.io import file_sha256, recover_swap
+from kdprompt.text_features.ranking import index_to_device, rank
 
 ImageInput = str | Path | bytes | Image.Image | Tensor
 BACKENDS = ("torch", "onnx")
@@ -41,15 +42,19 @@ class Prediction:
     Attributes:
         labels: readable class labels (:attr:`Bundle.labels`), most probable first; ``indices`` name
             the classes exactly.
-        probs: their probabilities (softmax over all the bundle's classes).
+        probs: their probabilities, computed as ``probabilities`` says.
         indices: their class indices.
         source: the image's name (its path, or ``image[i]``).
+        probabilities: ``full``: a softmax over all the bundle's classes; ``candidates``: a softmax over
+            the classes the FAISS index retrieved (a large vocabulary, or an IVF index that did not reach
+            every class), an upper bound of the full-vocabulary probability.
     """
 
     labels: list[str]
     probs: list[float]
     indices: list[int]
     source: str = ""
+    probabilities: str = "full"
 
     @property
     def label(self) -> str:
@@ -245,7 +250,8 @@ class Bundle:
     Attributes:
         path: the bundle directory.
         manifest: its manifest.
-        cache: the text-feature cache (features, FAISS index, class names).
+        cache: the text-feature cache (features, FAISS index, class names); predictions rank through
+            its index (on the GPU with faiss-gpu when the bundle runs on CUDA).
         transform: PIL image -> preprocessed tensor.
         name: report name.
     """
@@ -265,7 +271,7 @@ class Bundle:
         self.device = device
         self.transform = _build_transform(manifest["preprocess"], self.path)
         self.name = f"bundle {manifest.get('name') or self.path.name}"
-        self._text = cache.features.to(device)
+        self._index = index_to_device(cache.index, device)
 
     @property
     def classnames(self) -> list[str]:
@@ -289,11 +295,11 @@ class Bundle:
         return int(c), int(h), int(w)
 
     def to(self, device: torch.device | str) -> Bundle:
-        """Move the (torch) encoder and class features to ``device``; returns self."""
+        """Move the (torch) encoder and the class index to ``device``; returns self."""
         self.device = torch.device(device)
         if isinstance(self.encoder, torch.nn.Module):
             self.encoder.to(self.device)
-        self._text = self.cache.features.to(self.device)
+        self._index = index_to_device(self.cache.index, self.device)
         return self
 
     # ---------------------------------------------------------------- ImageTextClassifier interface
@@ -351,24 +357,29 @@ class Bundle:
     def predict_tensor(
         self, batch: Tensor, k: int = 5, sources: Sequence[str] | None = None
     ) -> list[Prediction]:
-        """Top-``k`` predictions of a (B, 3, H, W) batch of preprocessed images."""
+        """Top-``k`` predictions of a (B, 3, H, W) batch of preprocessed images, ranked through the index.
+
+        Each :class:`Prediction` says how its probabilities were computed (``probabilities``); an IVF
+        index may find fewer than ``k`` classes for an image.
+        """
         if k < 1:
             raise KdpromptError(f"k must be at least 1, got {k}")
         if batch.shape[0] == 0:
             return []
-        feats = F.normalize(self.encode_images(batch).to(self._text.device), dim=-1)
-        probs = (self.logit_scale * feats @ self._text.T).softmax(dim=-1)
-        top = probs.topk(min(k, probs.shape[1]), dim=-1)
+        feats = F.normalize(self.encode_images(batch).float(), dim=-1)
+        ranking = rank(self._index, feats, k, self.logit_scale)
         names = self.labels
         out = []
         for i in range(batch.shape[0]):
-            idx = top.indices[i].tolist()
+            found = ranking.ids[i] >= 0  # an IVF index may return fewer than k: id -1
+            idx = [int(j) for j in ranking.ids[i][found]]
             out.append(
                 Prediction(
                     labels=[names[j] for j in idx],
-                    probs=[float(p) for p in top.values[i].tolist()],
+                    probs=[float(p) for p in ranking.probs[i][found]],
                     indices=idx,
                     source=sources[i] if sources is not None else f"image[{i}]",
+                    probabilities=ranking.probabilities,
                 )
             )
         return out

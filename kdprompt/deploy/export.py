@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +145,7 @@ def export_bundle(
     overwrite: bool = False,
     opset: int = 18,
     cache_dir: Path | None = None,
+    index: str = "auto",
 ) -> dict[str, Any]:
     """Export a distilled student as a bundle directory.
 
@@ -157,6 +157,8 @@ def export_bundle(
         opset: ONNX opset version.
         cache_dir: ship this text-feature cache instead of the one the student trained with: another
             class list of the same teacher (``kdprompt cache TEACHER --classes FILE``).
+        index: the shipped cache's FAISS index: ``auto`` (the cache's own), ``flat`` or ``ivf`` (rebuilt
+            when the cache's is another kind; see :func:`kdprompt.text_features.store.copy_cache`).
 
     Returns:
         The bundle's manifest.
@@ -170,6 +172,8 @@ def export_bundle(
     from kdprompt.deploy.encoder import ImageEncoder, open_clip_config
     from kdprompt.io import atomic_path
     from kdprompt.models.student import STUDENT_FILE, STUDENT_WEIGHTS, load_student
+    from kdprompt.text_features.manifest import index_entry
+    from kdprompt.text_features.store import copy_cache
     from kdprompt.version import __version__
 
     student_dir = resolve_student_dir(student_run)
@@ -198,7 +202,7 @@ def export_bundle(
         crash_point("export.encoder_written")
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (tmp / PREPROCESS_FILE).write_text(json.dumps(preprocess, indent=2) + "\n", encoding="utf-8")
-        shutil.copytree(cache.path, tmp / CACHE_DIR)
+        shipped = copy_cache(cache, tmp / CACHE_DIR, index)
         crash_point("export.cache_copied")
         onnx_info = None
         if onnx:
@@ -246,6 +250,7 @@ def export_bundle(
                     "dir": CACHE_DIR,
                     "teacher_fingerprint": cache.teacher_fingerprint,
                     "features_sha256": cache.manifest["features_sha256"],
+                    "index": index_entry(shipped.manifest),
                 },
                 "source": {
                     "student_run": str(student_dir),

@@ -1,4 +1,9 @@
-"""The cache's FAISS index: an exact inner-product index over the (unit-length) class features."""
+"""The cache's FAISS index over the (unit-length) class features: exact (flat) or IVF, as the manifest says.
+
+What to build and how to search it is :mod:`kdprompt.text_features.ranking`'s job; this module builds a
+cache's index as its manifest entry records, and refuses an ``index.faiss`` that is not the one the
+manifest describes or does not hold the cache's features.
+"""
 
 from __future__ import annotations
 
@@ -10,22 +15,54 @@ import numpy as np
 import torch
 
 from kdprompt.errors import KdpromptError
-from kdprompt.text_features.manifest import INDEX_FILE, rebuild_hint
+from kdprompt.text_features.manifest import FLAT_ENTRY, INDEX_FILE, index_entry, rebuild_hint
+from kdprompt.text_features.ranking import IndexPlan, build_index, plan_index, tune_nprobe
+
+# Rows compared at a time when checking an index's vectors: bounded memory for any vocabulary.
+CHECK_ROWS = 65_536
 
 
 def flat_index(features: torch.Tensor) -> Any:
     """A ``faiss.IndexFlatIP`` holding the rows of ``features`` as float32."""
-    vectors = np.ascontiguousarray(features.detach().float().cpu().numpy(), dtype=np.float32)
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(vectors)
-    return index
+    return build_index(features, IndexPlan("flat"))
+
+
+def planned_index(features: torch.Tensor, kind: str = "auto") -> tuple[Any, dict[str, Any]]:
+    """The index ``kind`` (auto, flat, ivf) plans for ``features``, and its manifest entry.
+
+    An IVF index gets the smallest ``nprobe`` reaching :data:`~kdprompt.text_features.ranking.RECALL_TARGET`
+    recall@1 against exact search; the entry records it with the measured recall.
+
+    Raises:
+        KdpromptError: an unknown kind.
+    """
+    plan = plan_index(int(features.shape[0]), kind)
+    index = build_index(features, plan)
+    if plan.kind == "flat":
+        return index, dict(FLAT_ENTRY)
+    figures = tune_nprobe(index, features)
+    return index, {"kind": "ivf", "nlist": plan.nlist, **figures}
+
+
+def index_kind(index: Any) -> str:
+    """``flat``, ``ivf``, or the FAISS class name of any other index."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexFlat):
+        return "flat"
+    if isinstance(index, faiss.IndexIVFFlat):
+        return "ivf"
+    return type(index).__name__
 
 
 def read_index(path: Path, features: torch.Tensor, manifest: dict[str, Any]) -> Any:
-    """Read ``index.faiss`` of the cache directory ``path`` and check it holds ``features``.
+    """Read ``index.faiss`` of the cache directory ``path`` and check it is the manifest's, over ``features``.
+
+    The index must be the kind the manifest's ``index`` entry names (flat when there is none), with its
+    ``nlist`` for IVF, and hold exactly the cache's features; an IVF index gets the entry's ``nprobe``.
 
     Raises:
-        KdpromptError: the file is missing or unreadable, or the index is stale (other size or vectors).
+        KdpromptError: the file is missing or unreadable, another kind than the manifest says, or stale
+            (other size or vectors).
     """
     file = path / INDEX_FILE
     hint = rebuild_hint(path, manifest)
@@ -41,9 +78,34 @@ def read_index(path: Path, features: torch.Tensor, manifest: dict[str, Any]) -> 
             f"{file} holds {index.ntotal} vectors of dimension {index.d} but the cache has {num_classes} "
             f"classes x {dim} dims: the index is stale; {hint}"
         )
-    if isinstance(faiss.downcast_index(index), faiss.IndexFlat):
-        # A flat index stores the vectors themselves: check they are this cache's features.
-        vectors = index.reconstruct_n(0, index.ntotal)
-        if not np.allclose(vectors, features.numpy(), rtol=0, atol=1e-6):
-            raise KdpromptError(f"{file} does not hold this cache's features: the index is stale; {hint}")
+    entry = index_entry(manifest)
+    kind = index_kind(index)
+    if kind != entry["kind"]:
+        raise KdpromptError(
+            f"{file} holds an index of kind {kind!r} but the cache manifest records kind "
+            f"{entry['kind']!r}: the index does not belong to this cache; {hint}"
+        )
+    if kind == "ivf":
+        ivf = faiss.extract_index_ivf(index)
+        if ivf.nlist != entry["nlist"]:
+            raise KdpromptError(
+                f"{file} has {ivf.nlist} inverted lists but the cache manifest says {entry['nlist']}: the "
+                f"index does not belong to this cache; {hint}"
+            )
+        ivf.make_direct_map()  # lets the vectors be read back by id for the check below
+        ivf.nprobe = entry["nprobe"]
+    if not _holds(index, features):
+        raise KdpromptError(f"{file} does not hold this cache's features: the index is stale; {hint}")
     return index
+
+
+def _holds(index: Any, features: torch.Tensor) -> bool:
+    """Whether row ``i`` of the index is row ``i`` of ``features`` for every ``i`` (flat and IVF store them)."""
+    vectors = features.numpy()
+    for start in range(0, len(vectors), CHECK_ROWS):
+        count = min(CHECK_ROWS, len(vectors) - start)
+        if not np.allclose(
+            index.reconstruct_n(start, count), vectors[start : start + count], rtol=0, atol=1e-6
+        ):
+            return False
+    return True

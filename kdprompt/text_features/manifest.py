@@ -23,6 +23,8 @@ INDEX_FILE = "index.faiss"
 MANIFEST_FILE = "manifest.json"
 TENSOR_KEY = "text_features"
 METADATA_KEY = "manifest"
+INDEX_KEY = "index"
+FLAT_ENTRY: dict[str, Any] = {"kind": "flat"}
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -82,11 +84,13 @@ def make_manifest(
     logit_scale: float,
     provenance: dict[str, Any] | None,
     prompts: list[str] | None = None,
+    index: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The manifest of the stored (normalised, storage-dtype) features ``stored``.
 
     ``prompts``, when given, are the exact texts encoded, one per class (optional: caches written before
-    kdprompt recorded them have none).
+    kdprompt recorded them have none). ``index`` describes ``index.faiss`` (see :func:`index_entry`);
+    default flat.
     """
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -104,7 +108,45 @@ def make_manifest(
     }
     if prompts is not None:
         manifest["prompts"] = list(prompts)
+    manifest[INDEX_KEY] = dict(index or FLAT_ENTRY)
     return manifest
+
+
+def index_entry(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's description of ``index.faiss`` (a copy); a cache without one has a flat index.
+
+    ``{"kind": "flat"}``, or ``{"kind": "ivf", "nlist", "nprobe", "recall@1", "recall@5",
+    "recall_queries"}`` with the recall measured against exact search when the index was built.
+    """
+    return dict(manifest.get(INDEX_KEY) or FLAT_ENTRY)
+
+
+def describe_index(entry: dict[str, Any] | None) -> str:
+    """One line on an index entry for users: ``flat (exact)`` or the IVF figures."""
+    entry = entry or FLAT_ENTRY
+    if entry.get("kind") != "ivf":
+        return "flat (exact search)"
+    return (
+        f"ivf (approximate: {entry['nlist']} lists, nprobe {entry['nprobe']}, recall@1 "
+        f"{entry['recall@1']:.3f} and recall@5 {entry['recall@5']:.3f} against exact search on "
+        f"{entry['recall_queries']} queries)"
+    )
+
+
+def _index_fits(entry: Any) -> bool:
+    """Absent (an older cache: flat), ``{kind: flat}``, or an IVF entry with 1 <= nprobe <= nlist."""
+    if entry is None:
+        return True
+    if not isinstance(entry, dict):
+        return False
+    if entry.get("kind") == "flat":
+        return True
+    sizes = [entry.get(k) for k in ("nlist", "nprobe")]
+    return (
+        entry.get("kind") == "ivf"
+        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in sizes)
+        and sizes[1] <= sizes[0]
+    )
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -142,9 +184,10 @@ def read_manifest(path: Path) -> dict[str, Any]:
         or not isinstance(manifest["logit_scale"], (int, float))
         or manifest["dtype"] not in DTYPES
         or not _prompts_fit(manifest.get("prompts"), names)
+        or not _index_fits(manifest.get(INDEX_KEY))
     ):
         raise KdpromptError(
-            f"{file} has malformed fields (classnames, prompts, sizes, logit_scale or dtype); "
+            f"{file} has malformed fields (classnames, prompts, sizes, logit_scale, dtype or index); "
             f"{rebuild_hint(path, manifest)}"
         )
     return manifest

@@ -8,7 +8,9 @@ time to a recall target measured against the exact index (the figures go into th
 Probabilities: up to :data:`FULL_SOFTMAX_MAX_CLASSES` classes every class is scored and the softmax is
 the usual one over the whole vocabulary. Past it only the top :data:`CANDIDATES` retrieved classes are
 scored and the softmax runs over them (``probabilities: "candidates"``): each is then a probability
-among the retrieved candidates, an upper bound of its full-vocabulary probability.
+among the retrieved candidates, an upper bound of its full-vocabulary probability. An IVF index scores
+only the classes of the lists it probes, so a small vocabulary behind one is ``candidates`` too unless
+every class was reached.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ CANDIDATES = 100
 RECALL_TARGET = 0.95
 RECALL_QUERIES = 256
 QUERY_COSINE = 0.3  # CLIP's typical image-text cosine: recall is measured on queries this close to a class
+# A GPU index returns at most this many neighbours (and probes at most this many lists) per query.
+GPU_MAX_K = 2048
 
 
 @dataclass(frozen=True)
@@ -162,23 +166,35 @@ def rank(index: Any, queries: torch.Tensor | np.ndarray, k: int, logit_scale: fl
     """Top-``k`` classes of unit ``queries`` through ``index``, with honest probabilities.
 
     Up to :data:`FULL_SOFTMAX_MAX_CLASSES` classes every class is scored, so the softmax is the full
-    one; past it the softmax runs over the top :data:`CANDIDATES` retrieved classes.
+    one; past it the softmax runs over the top :data:`CANDIDATES` retrieved classes. An approximate
+    index may return fewer than ``k`` classes for a query: the missing ones have id -1 and probability 0.
+
+    Raises:
+        KdpromptError: a GPU index asked for more than :data:`GPU_MAX_K` classes.
     """
     x = _as_numpy(queries)
     total = index.ntotal
     k = max(1, min(k, total))
     full = total <= FULL_SOFTMAX_MAX_CLASSES
-    scores, ids = index.search(x, total if full else max(k, min(CANDIDATES, total)))
-    # An approximate index may return fewer than asked (-1 ids, -inf scores): they get probability 0.
-    logits = np.where(ids >= 0, logit_scale * scores, -np.inf).astype(np.float64)
-    logits -= logits.max(axis=1, keepdims=True)
-    probs = np.exp(logits)
-    probs /= probs.sum(axis=1, keepdims=True)
+    wanted = total if full else max(k, min(CANDIDATES, total))
+    if wanted > GPU_MAX_K and _on_gpu(index):
+        raise KdpromptError(
+            f"a GPU FAISS index returns at most {GPU_MAX_K} classes per image, {wanted} were asked for; "
+            f"ask for at most {GPU_MAX_K} (--k) or run on the CPU (--device cpu)"
+        )
+    scores, ids = index.search(x, wanted)
+    # An approximate index may return fewer than asked (id -1, score -FLT_MAX): they get probability 0.
+    found = ids >= 0
+    logits = np.where(found, logit_scale * np.where(found, scores, 0).astype(np.float64), -np.inf)
+    best = logits.max(axis=1, keepdims=True)
+    probs = np.exp(logits - np.where(np.isfinite(best), best, 0))
+    probs /= np.maximum(probs.sum(axis=1, keepdims=True), np.finfo(np.float64).tiny)
     return Ranking(
         ids=ids[:, :k],
         scores=scores[:, :k],
         probs=probs[:, :k].astype(np.float32),
-        probabilities="full" if full else "candidates",
+        # Full only when every class was scored: an IVF index leaves out the lists it did not probe.
+        probabilities="full" if full and bool((ids >= 0).all()) else "candidates",
     )
 
 
@@ -192,10 +208,34 @@ def time_search(index: Any, queries: np.ndarray, k: int, repeats: int = 3) -> fl
     return best
 
 
+def _on_gpu(index: Any) -> bool:
+    return hasattr(faiss, "GpuIndex") and isinstance(index, faiss.GpuIndex)
+
+
+def fits_gpu(index: Any) -> bool:
+    """Whether :func:`rank` can search ``index`` on a GPU: at most :data:`GPU_MAX_K` results and probes.
+
+    A full softmax searches every class, so a vocabulary between :data:`GPU_MAX_K` and
+    :data:`FULL_SOFTMAX_MAX_CLASSES` classes stays on the CPU, as does an IVF index probing too many lists.
+    """
+    total = index.ntotal
+    searched = total if total <= FULL_SOFTMAX_MAX_CLASSES else min(CANDIDATES, total)
+    ivf = faiss.try_extract_index_ivf(index)
+    return searched <= GPU_MAX_K and (ivf is None or ivf.nprobe <= GPU_MAX_K)
+
+
 def index_to_device(index: Any, device: torch.device | str) -> Any:
-    """The index on ``device``'s GPU when FAISS was built with GPU support (faiss-gpu), else unchanged."""
+    """The index on ``device``'s GPU when FAISS was built with GPU support (faiss-gpu), else unchanged.
+
+    An index :func:`rank` could not search on a GPU (see :func:`fits_gpu`) stays on the CPU.
+    """
     device = torch.device(device)
-    if device.type != "cuda" or not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
+    if (
+        device.type != "cuda"
+        or not hasattr(faiss, "StandardGpuResources")
+        or faiss.get_num_gpus() < 1
+        or not fits_gpu(index)
+    ):
         return index
     resources = faiss.StandardGpuResources()
     gpu_index = faiss.index_cpu_to_gpu(resources, device.index or 0, index)

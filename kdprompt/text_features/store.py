@@ -4,10 +4,13 @@ A cache is a directory::
 
     text_features.safetensors   one tensor "text_features" (C x D, rows L2-normalised); its metadata
                                 carries the manifest as a JSON string under "manifest"
-    index.faiss                 faiss.IndexFlatIP over the float32 features (exact cosine search)
+    index.faiss                 a FAISS inner-product index over the float32 features: exact
+                                (IndexFlatIP) by default, IVF (IndexIVFFlat) for large vocabularies
+                                or when asked (see kdprompt.text_features.ranking)
     manifest.json               format version, teacher fingerprint, class names and their sha256,
-                                embed dim, logit scale, dtype, features sha256, provenance, and
-                                (optional) the exact prompt text encoded for each class
+                                embed dim, logit scale, dtype, features sha256, provenance, the
+                                index (kind; for IVF nlist, nprobe and the recall measured at build
+                                time), and (optional) the exact prompt text encoded for each class
 
 Loading needs only torch, safetensors, faiss and json: no teacher, no model code. A cache built for a
 different teacher or class list, or edited after it was built, is refused with a message that says
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,12 +37,14 @@ from kdprompt.data.classnames import check_names, check_unique, listing
 from kdprompt.errors import KdpromptError
 from kdprompt.faults import crash_point
 from kdprompt.io import atomic_path, recover_swap
-from kdprompt.text_features.index import flat_index, read_index
+from kdprompt.text_features.index import flat_index, index_kind, planned_index, read_index
 from kdprompt.text_features.manifest import (
     CACHE_KIND,
     DTYPES,
     FEATURES_FILE,
+    FLAT_ENTRY,
     INDEX_FILE,
+    INDEX_KEY,
     MANIFEST_FILE,
     METADATA_KEY,
     TENSOR_KEY,
@@ -46,13 +52,15 @@ from kdprompt.text_features.manifest import (
     check_features,
     classnames_sha256,
     dtype_name,
+    index_entry,
     make_manifest,
     read_manifest,
     rebuild_hint,
     tensor_sha256,
 )
+from kdprompt.text_features.ranking import plan_index
 
-__all__ = ["TextCache", "build_cache", "load_cache"]
+__all__ = ["TextCache", "build_cache", "copy_cache", "load_cache"]
 
 
 # ------------------------------------------------------------------------------------------- the cache
@@ -98,7 +106,11 @@ class TextCache:
 
     @property
     def index(self) -> Any:
-        """The ``faiss.IndexFlatIP`` over the features: read from ``index.faiss``, or built in memory."""
+        """The FAISS index over the features, read on first use.
+
+        ``index.faiss`` as the manifest describes it (flat, or IVF with its ``nprobe``); for an
+        in-memory cache, an exact index built here.
+        """
         if self._index is None:
             if self.path is not None:
                 self._index = read_index(self.path, self.features, self.manifest)
@@ -132,6 +144,8 @@ class TextCache:
 
         Returns:
             ``(scores, indices)``: N x k float32 cosine similarities, best first, and int64 class indices.
+            Through an IVF index they are approximate (see the manifest's ``index`` recall), and a query
+            may get fewer than ``k`` classes: the rest have index -1.
         """
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
@@ -176,6 +190,7 @@ class TextCache:
             features_sha256=tensor_sha256(stored),
             provenance={**(manifest.get("provenance") or {}), "subset_of": self._where()},
         )
+        manifest[INDEX_KEY] = dict(FLAT_ENTRY)  # the subset's index is built in memory, exact
         return TextCache(features=features, classnames=names, manifest=manifest, path=None)
 
     def _where(self) -> str:
@@ -203,6 +218,7 @@ def build_cache(
     dtype: torch.dtype = torch.float32,
     prompts: list[str] | None = None,
     overwrite: bool = True,
+    index: str = "auto",
 ) -> TextCache:
     """Normalise and write a text-feature cache directory atomically.
 
@@ -220,6 +236,9 @@ def build_cache(
         dtype: storage dtype of the features file (float32, float16 or bfloat16).
         prompts: the exact text encoded for each class, in row order (recorded in the manifest).
         overwrite: replace a cache already at ``out_dir`` (False: refuse it).
+        index: the FAISS index to build: ``auto`` (exact below
+            :data:`~kdprompt.text_features.ranking.APPROX_MIN_CLASSES` classes, IVF from there), ``flat``
+            or ``ivf`` (its ``nprobe`` tuned to a recall target, the figures recorded in the manifest).
 
     Returns:
         The cache, as ``load_cache`` would return it.
@@ -229,7 +248,8 @@ def build_cache(
             is not a cache, or a cache and not ``overwrite``.
     """
     out_dir = Path(out_dir)
-    dtype_name(dtype)  # refuse an unsupported dtype before any other work
+    dtype_name(dtype)  # refuse an unsupported dtype or index kind before any other work
+    plan_index(1, index)
     features = torch.as_tensor(features)
     names = list(classnames)
     if features.ndim != 2 or features.shape[0] < 1 or features.shape[1] < 1:
@@ -267,6 +287,11 @@ def build_cache(
     stored = (wide / norms).to(dtype).contiguous()
     loaded = stored.float()
 
+    _manifest_json({"provenance": provenance})  # refused before the (maybe slow) index is built
+    recover_swap(out_dir)
+    check_replaceable(out_dir, overwrite)
+    # The index holds exactly the float32 rows the cache loads, so search and logits rank alike.
+    built, entry = planned_index(loaded, index)
     manifest = make_manifest(
         stored,
         names,
@@ -274,16 +299,14 @@ def build_cache(
         logit_scale=logit_scale,
         provenance=provenance,
         prompts=None if prompts is None else list(prompts),
+        index=entry,
     )
-    try:
-        manifest_json = json.dumps(manifest, sort_keys=True, ensure_ascii=False)
-    except (TypeError, ValueError) as err:
-        raise KdpromptError(f"cache provenance must be JSON-serialisable: {err}") from err
+    return _write_cache(out_dir, stored, manifest, built)
 
-    recover_swap(out_dir)
-    check_replaceable(out_dir, overwrite)
-    # The index holds exactly the float32 rows the cache loads, so search and logits rank alike.
-    index = flat_index(loaded)
+
+def _write_cache(out_dir: Path, stored: torch.Tensor, manifest: dict[str, Any], index: Any) -> TextCache:
+    """Write the three files of a cache into a temporary directory, then move it to ``out_dir``."""
+    manifest_json = _manifest_json(manifest)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         save_file({TENSOR_KEY: stored}, str(tmp / FEATURES_FILE), metadata={METADATA_KEY: manifest_json})
@@ -292,7 +315,40 @@ def build_cache(
             json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
         crash_point("cache.written")  # complete, not yet renamed into place
-    return TextCache(features=loaded, classnames=names, manifest=manifest, path=out_dir, _index=index)
+    names = list(manifest["classnames"])
+    return TextCache(features=stored.float(), classnames=names, manifest=manifest, path=out_dir, _index=index)
+
+
+def _manifest_json(manifest: dict[str, Any]) -> str:
+    """The manifest as the features file's metadata stores it (compact, sorted keys)."""
+    try:
+        return json.dumps(manifest, sort_keys=True, ensure_ascii=False)
+    except (TypeError, ValueError) as err:
+        raise KdpromptError(f"cache provenance must be JSON-serialisable: {err}") from err
+
+
+def copy_cache(cache: TextCache, out_dir: Path, index: str = "auto") -> TextCache:
+    """Write the on-disk ``cache`` to the new directory ``out_dir`` with the index ``index`` asks for.
+
+    ``flat`` or ``ivf``: the cache's own index when it is that kind, else a new one (the features and
+    their hashes are unchanged; the manifest records the new index). ``auto``: the index the cache was
+    built with; a cache from before kdprompt recorded its index gets the one ``auto`` plans for its size.
+
+    Raises:
+        KdpromptError: an unknown index kind, or an in-memory cache.
+    """
+    if cache.path is None:
+        raise KdpromptError("an in-memory text-feature cache cannot be copied; build it with build_cache")
+    recorded = INDEX_KEY in cache.manifest
+    want = index_entry(cache.manifest)["kind"] if index == "auto" and recorded else index
+    if plan_index(cache.num_classes, want).kind == index_kind(cache.index):
+        shutil.copytree(cache.path, out_dir)  # byte for byte: checked when the cache was loaded
+        return TextCache(cache.features, list(cache.classnames), cache.manifest, Path(out_dir))
+    stored = cache.features.to(DTYPES[cache.manifest["dtype"]]).contiguous()
+    if tensor_sha256(stored) != cache.manifest["features_sha256"]:  # a widened dtype narrows back exactly
+        raise KdpromptError(f"the features of {cache.path} changed in memory; reload the cache")
+    built, entry = planned_index(cache.features, want)
+    return _write_cache(Path(out_dir), stored, {**cache.manifest, INDEX_KEY: entry}, built)
 
 
 def is_cache_dir(path: Path) -> bool:

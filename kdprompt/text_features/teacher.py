@@ -21,6 +21,7 @@ def cache_class_features(
     provenance: dict[str, Any],
     teacher_fingerprint: str | None = None,
     overwrite: bool = True,
+    index: str = "auto",
 ) -> TextCache:
     """Encode ``classnames`` with the prompted teacher ``model`` and write them as a cache at ``out_dir``.
 
@@ -34,6 +35,7 @@ def cache_class_features(
         teacher_fingerprint: the teacher's fingerprint; default ``model.fingerprint`` (a loaded teacher
             has one, a freshly trained one gets it from ``save_teacher``).
         overwrite: replace a cache already at ``out_dir`` (False: refuse it).
+        index: the FAISS index to build (``auto``, ``flat``, ``ivf``; see :func:`build_cache`).
 
     Returns:
         The cache written.
@@ -51,11 +53,17 @@ def cache_class_features(
         # prompts differ from what the teacher now writes (e.g. another class-name form) visible.
         prompts=model.class_prompts(classnames),
         overwrite=overwrite,
+        index=index,
     )
 
 
 def write_cache_for_teacher(
-    teacher_dir: Path, classes_file: Path, out: Path | None, device: str, overwrite: bool = False
+    teacher_dir: Path,
+    classes_file: Path,
+    out: Path | None,
+    device: str,
+    overwrite: bool = False,
+    index: str = "auto",
 ) -> tuple[Path, int]:
     """Cache the classes listed in ``classes_file`` with the teacher saved in ``teacher_dir``.
 
@@ -65,6 +73,7 @@ def write_cache_for_teacher(
         out: the cache directory; default ``cache/<teacher run name>-<classes file stem>``.
         device: where to encode the class names.
         overwrite: replace a cache already at ``out`` (never anything else).
+        index: the FAISS index to build (``auto``, ``flat``, ``ivf``; see :func:`build_cache`).
 
     Returns:
         The cache directory and the number of classes cached.
@@ -81,5 +90,6 @@ def write_cache_for_teacher(
         out,
         provenance={"teacher": str(teacher_dir), "classes_file": str(classes_file)},
         overwrite=overwrite,
+        index=index,
     )
     return out, len(classnames)

@@ -58,17 +58,44 @@ def test_real_size_table_and_json(cli, tmp_path):
     assert figures["throughput_settings"] == {"allow_tf32": False, "channels_last": False, "compile": False}
 
 
-def test_teacher_read_from_store_not_computed(cli, tmp_path, monkeypatch):
+def test_cached_loop_reads_a_real_cache_never_running_the_teacher(cli, tmp_path, monkeypatch):
     from kdprompt.apps import bench_real_size
+    from kdprompt.models.teacher import PromptedClip
+    from kdprompt.models.towers import PromptedVisionTower
+    from kdprompt.teacher_outputs.reader import TeacherOutputs
+    from kdprompt.teacher_outputs.replay import ReplayTransform
 
-    calls = {"encode": 0}
-    encode = bench_real_size.StepContext.encode_images
+    calls = {"tower": 0, "rows": 0, "replays": 0}
+    during_steps: list[dict[str, int]] = []
+    teacher_towers: list[PromptedVisionTower] = []  # the prompted student has one too: not counted
 
-    def counting(self, images):
-        calls["encode"] += 1
-        return encode(self, images)
+    def counting(name, original):
+        def wrapper(self, *args, **kwargs):
+            if name != "tower" or any(self is t for t in teacher_towers):
+                calls[name] += 1
+            return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(bench_real_size.StepContext, "encode_images", counting)
+        return wrapper
+
+    init = PromptedClip.__init__
+
+    def recording(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        teacher_towers.append(self.vision_tower)
+
+    monkeypatch.setattr(PromptedClip, "__init__", recording)
+    monkeypatch.setattr(PromptedVisionTower, "forward", counting("tower", PromptedVisionTower.forward))
+    monkeypatch.setattr(TeacherOutputs, "features", counting("rows", TeacherOutputs.features))
+    monkeypatch.setattr(ReplayTransform, "__call__", counting("replays", ReplayTransform.__call__))
+    time_mode = bench_real_size.time_mode
+
+    def timed(step, ctx, *args, **kwargs):
+        before = dict(calls)
+        out = time_mode(step, ctx, *args, **kwargs)
+        during_steps.append({k: calls[k] - before[k] for k in calls})
+        return out
+
+    monkeypatch.setattr(bench_real_size, "time_mode", timed)
     out = tmp_path / "bench.json"
     result = cli(
         "bench",
@@ -84,9 +111,64 @@ def test_teacher_read_from_store_not_computed(cli, tmp_path, monkeypatch):
         out,
     )
     assert result.exit_code == 0, result.output
-    # The store is filled once per distinct batch (3: warm-up + timed steps); the 3 steps read it.
-    assert calls["encode"] == 3
-    assert json.loads(out.read_text())["rows"][0]["phase_ms"]["text"] == 0
+    # The precompute ran the teacher's image tower over the stored views (2 images x 10 views, one
+    # forward of 20 after a warm-up forward); the 3 cached steps (1 warm-up + 2 timed) never did: each
+    # replayed its 2 stored views and read their 2 rows from the parts through the reader.
+    assert calls["tower"] == 2
+    assert during_steps == [{"tower": 0, "rows": 3, "replays": 6}]
+    figures = json.loads(out.read_text())
+    pre = figures["precompute"]
+    assert (pre["images"], pre["views"]) == (2, 10) and pre["bytes"] > 0
+    assert pre["image_views_per_s"] == pytest.approx(20 / pre["seconds"])
+    row = figures["rows"][0]
+    assert row["phase_ms"]["teacher"] == row["phase_ms"]["text"] == 0
+    details = row["detail_ms"]
+    assert details["replay"] > 0 and details["rows"] > 0
+    assert details["replay"] + details["rows"] <= row["phase_ms"]["data"]
+    assert "| 2 | prompts | cached |" in result.output and "(replay " in result.output
+    assert figures["recipe_cost"] == []  # no online row to compare with
+
+
+def test_whole_recipe_cost_is_the_formula_over_the_measured_figures(cli, tmp_path):
+    out = tmp_path / "bench.json"
+    result = cli(
+        "bench",
+        "distill",
+        *TINY,
+        # V comes from the recipe's teacher_outputs section (the bench writes its cache elsewhere).
+        f"teacher_outputs.path={tmp_path / 'unused'}",
+        "teacher_outputs.views=3",
+        "--batch-sizes",
+        "2",
+        "--students",
+        "prompts",
+        "--modes",
+        "online,cached",
+        "--json",
+        out,
+    )
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "unused").exists()
+    figures = json.loads(out.read_text())
+    rate = {r["mode"]: r["images_per_s"] for r in figures["rows"]}
+    pre = figures["precompute"]
+    assert pre["views"] == 3
+    (cost,) = figures["recipe_cost"]
+    online = 20 / rate["online"]  # the recipe's train.epochs = 20
+    cached = 3 / pre["image_views_per_s"] + 20 / rate["cached"]
+    assert cost["epochs"] == 20 and cost["views"] == 3
+    assert cost["online_s_per_image"] == pytest.approx(online)
+    assert cost["cached_s_per_image"] == pytest.approx(cached)
+    assert cost["recipe_speedup"] == pytest.approx(online / cached)
+    assert cost["epoch_speedup"] == pytest.approx(rate["cached"] / rate["online"])
+    assert "whole recipe, prompts student, batch 2 (20 epochs over E images, V = 3 views):" in result.output
+    assert f"online = 20·E/online = 20·E/{rate['online']:.4g} = {online:.4g}·E s" in result.output
+    assert (
+        f"cached = V·E/precompute + 20·E/cached = 3·E/{pre['image_views_per_s']:.4g} + "
+        f"20·E/{rate['cached']:.4g} = " in result.output
+    )
+    assert f"= {cached:.4g}·E s" in result.output
+    assert f"per epoch cached/online images/s = {rate['cached'] / rate['online']:.3g}x" in result.output
 
 
 def test_unknown_mode_is_one_clear_error(cli):

@@ -502,3 +502,99 @@ def test_bundle_labels_are_readable_class_names(cli, student_run, tmp_path):
     [pred] = bundle.predict(torch.zeros(3, 32, 32), k=3)
     assert set(pred.labels) == set(bundle.labels)
     assert [bundle.labels[i] for i in pred.indices] == pred.labels
+
+
+def test_bundle_ranks_through_its_exact_index_like_the_matrix_product(bundle_dir):
+    from kdprompt.text_features.index import index_kind
+
+    bundle = load_bundle(bundle_dir)
+    assert index_kind(bundle.cache.index) == "flat"
+    assert bundle.manifest["cache"]["index"] == bundle.cache.manifest["index"] == {"kind": "flat"}
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    predictions = bundle.predict(images, k=5)
+    feats = torch.nn.functional.normalize(bundle.encode_images(images), dim=-1)
+    top = (bundle.logit_scale * feats @ bundle.cache.features.T).softmax(-1).topk(5)
+    assert [p.indices for p in predictions] == top.indices.tolist()
+    np.testing.assert_allclose([p.probs for p in predictions], top.values.numpy(), rtol=1e-5, atol=1e-7)
+    assert {p.probabilities for p in predictions} == {"full"}
+    assert predictions[0].to_dict()["probabilities"] == "full"
+
+
+def test_an_ivf_bundle_records_its_recall_predicts_and_refuses_another_index(
+    cli, student_run, tmp_path, monkeypatch
+):
+    import faiss
+
+    from kdprompt.text_features import INDEX_FILE, build_cache, load_cache, ranking
+    from kdprompt.text_features.index import index_kind
+    from kdprompt.text_features.ranking import build_index, plan_index
+
+    own = load_cache(student_run["cache"])
+    features = torch.randn(3000, own.embed_dim, generator=torch.Generator().manual_seed(0))
+    names = [f"class {i:04d}" for i in range(3000)]
+    build_cache(
+        features,
+        names,
+        tmp_path / "cache",
+        teacher_fingerprint=own.teacher_fingerprint,
+        logit_scale=own.logit_scale,
+    )
+    out = tmp_path / "bundle"
+    result = cli("export", student_run["student"], out, "--cache", tmp_path / "cache", "--index", "ivf")
+    assert result.exit_code == 0, result.output
+    assert "index: ivf (approximate: 54 lists, nprobe" in result.output and "recall@1" in result.output
+    bundle = load_bundle(out)
+    entry = bundle.manifest["cache"]["index"]
+    assert entry == bundle.cache.manifest["index"] and entry["kind"] == "ivf" and entry["nlist"] == 54
+    assert {"nprobe", "recall@1", "recall@5", "recall_queries"} <= set(entry)
+    assert index_kind(bundle.cache.index) == "ivf"
+
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    feats = torch.nn.functional.normalize(bundle.encode_images(images), dim=-1)
+    exact = (feats @ bundle.cache.features.T).topk(3).indices.tolist()
+    for prediction, truth in zip(bundle.predict(images, k=3), exact, strict=True):
+        assert 1 <= len(prediction.indices) <= 3 and min(prediction.indices) >= 0
+        assert prediction.probs == sorted(prediction.probs, reverse=True)
+        assert prediction.probabilities in ("full", "candidates")
+        if prediction.probabilities == "full":  # every class reached: the exact ranking
+            assert prediction.indices == truth
+
+    # Past the full-softmax limit the CLI says how the probabilities were computed, once.
+    monkeypatch.setattr(ranking, "FULL_SOFTMAX_MAX_CLASSES", 1000)
+    for i in range(2):
+        Image.new("RGB", (40, 40), (60 * i, 90, 200)).save(tmp_path / f"img{i}.png")
+    as_json = cli("predict", out, tmp_path / "img0.png", tmp_path / "img1.png", "--json")
+    assert as_json.exit_code == 0, as_json.output
+    rows = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert [row["probabilities"] for row in rows] == ["candidates", "candidates"]
+    table = cli("predict", out, tmp_path / "img0.png", tmp_path / "img1.png")
+    assert table.exit_code == 0 and table.stderr.count("softmax over the classes the FAISS index") == 1
+
+    # An index of another kind than the cache manifest records is refused, even unverified.
+    flat = build_index(bundle.cache.features, plan_index(3000, "flat"))
+    faiss.write_index(flat, str(out / "cache" / INDEX_FILE))
+    with pytest.raises(KdpromptError, match=r"changed since export: cache/index\.faiss"):
+        load_bundle(out)
+    with pytest.raises(KdpromptError, match="index of kind 'flat' but the cache manifest records kind 'ivf'"):
+        load_bundle(out, verify=False)
+
+
+def test_cache_cli_builds_the_index_asked_for_and_says_so(cli, student_run, tmp_path):
+    from kdprompt.text_features import load_cache
+    from kdprompt.text_features.index import index_kind
+
+    classes = tmp_path / "classes.txt"
+    classes.write_text("".join(f"shape {i}\n" for i in range(100)))
+    exact = cli("cache", student_run["teacher"], "--classes", classes, "--out", tmp_path / "flat")
+    assert exact.exit_code == 0, exact.output
+    assert "index: flat (exact search)" in exact.output  # auto: exact below the threshold
+    ivf = cli(
+        "cache", student_run["teacher"], "--classes", classes, "--out", tmp_path / "ivf", "--index", "ivf"
+    )
+    assert ivf.exit_code == 0, ivf.output
+    entry = load_cache(tmp_path / "ivf").manifest["index"]
+    assert entry["kind"] == "ivf" and entry["nlist"] == 2  # min(sqrt(100), 100 // 39)
+    assert f"index: ivf (approximate: 2 lists, nprobe {entry['nprobe']}, recall@1" in ivf.output
+    assert index_kind(load_cache(tmp_path / "ivf").index) == "ivf"
+    unknown = cli("cache", student_run["teacher"], "--classes", classes, "--index", "hnsw")
+    assert unknown.exit_code == 2 and "'hnsw' is not one of 'auto', 'flat', 'ivf'" in unknown.output

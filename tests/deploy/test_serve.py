@@ -151,7 +151,7 @@ def test_classify_multipart_several_images(client, images, local_bundle):
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["model"] == local_bundle.name and body["k"] == 3
-    assert all(len(p["labels"]) == 3 for p in body["predictions"])
+    assert all(len(p["labels"]) == 3 and p["probabilities"] == "full" for p in body["predictions"])
     _assert_same(body["predictions"], local_bundle.predict([images[n] for n in names], k=3), names)
     # The singular field name works too, and k defaults to 5.
     one = client.post("/v1/classify", files={"image": ("one.png", images[names[0]])})
@@ -722,3 +722,17 @@ def test_batcher_forgets_cancelled_requests():
 
     (prediction,) = _run(main())
     assert prediction.labels == ["5"] and model.calls == [(1, 1)]
+
+
+def test_truncating_a_batched_prediction_keeps_how_its_probabilities_were_computed():
+    from kdprompt.deploy import Prediction
+    from kdprompt.deploy.serve.batcher import truncate
+
+    wide = Prediction(
+        labels=["a", "b", "c"],
+        probs=[0.5, 0.3, 0.1],
+        indices=[0, 1, 2],
+        source="x",
+        probabilities="candidates",
+    )
+    assert truncate(wide, 2) == Prediction(["a", "b"], [0.5, 0.3], [0, 1], "x", "candidates")

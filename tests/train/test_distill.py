@@ -218,3 +218,30 @@ def test_distill_with_dassl_schedule_and_augmentation(cli, tmp_path, trained):
     assert result.exit_code == 0, result.output
     recipe = load_recipe(DistillRecipe, "demo/distill-student", args)
     assert_dassl_lr_per_epoch(tmp_path / "runs" / "dassl" / "student" / "metrics.jsonl", recipe.train)
+
+
+def test_the_frozen_teacher_gets_the_throughput_settings(cli, tmp_path, trained, monkeypatch):
+    # The teacher's image tower runs on every batch but is not stage.model, which the run scaffold
+    # applies train.channels_last / compile to: setup applies them to it, leaving it out of DDP.
+    from kdprompt.models.teacher import Teacher
+    from kdprompt.train.distill_loop import DistillStage
+
+    stages: list[DistillStage] = []
+    setup = DistillStage.setup
+
+    def recording(self, run):
+        setup(self, run)
+        stages.append(self)
+
+    monkeypatch.setattr(DistillStage, "setup", recording)
+    args = [
+        *distill_args(trained, tmp_path, "cl", "prompts"),
+        "train.channels_last=true",
+        "train.max_steps=1",
+    ]
+    result = cli("distill", "demo/distill-student", *args)
+    assert result.exit_code == 0, result.output
+    teacher = stages[0].teacher
+    assert type(teacher) is Teacher and not teacher.training
+    assert teacher.vision_tower.visual.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not any(p.requires_grad for p in teacher.parameters())

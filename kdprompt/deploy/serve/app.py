@@ -41,6 +41,7 @@ from kdprompt.deploy.serve.request_body import (
 )
 from kdprompt.deploy.serve.schemas import ClassesResponse, ClassifyResponse, HealthResponse, Limits
 from kdprompt.errors import KdpromptError
+from kdprompt.text_features.ranking import GPU_MAX_K
 from kdprompt.version import __version__
 
 log = logging.getLogger(__name__)
@@ -197,6 +198,8 @@ def create_app(
         """Classify image files sent as multipart/form-data (`images`, `k`) or JSON base64."""
         uploads, k_value = await read_uploads(request, limits)
         k = parse_k(k_value, default_k)
+        if k > GPU_MAX_K and bundle.device.type == "cuda":
+            raise InputError(400, f"k must be at most {GPU_MAX_K} when the model runs on a GPU, got {k}")
         if not uploads:
             raise InputError(
                 400, f"no images in the request; upload files in the 'images' field or send {JSON_EXAMPLE}"

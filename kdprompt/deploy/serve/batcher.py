@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -44,11 +45,8 @@ class _Item:
 
 def truncate(prediction: Prediction, k: int) -> Prediction:
     """The top-``k`` of a top-k' prediction (k <= k'): top-k lists are sorted, so a prefix is exact."""
-    return Prediction(
-        labels=prediction.labels[:k],
-        probs=prediction.probs[:k],
-        indices=prediction.indices[:k],
-        source=prediction.source,
+    return dataclasses.replace(
+        prediction, labels=prediction.labels[:k], probs=prediction.probs[:k], indices=prediction.indices[:k]
     )
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from kdprompt.deploy.serve.inputs import max_base64_chars
 
@@ -19,6 +20,13 @@ class PredictionOut(BaseModel):
     probs: list[float]
     indices: list[int]
     source: str
+    probabilities: Literal["full", "candidates"] = Field(
+        default="full",
+        description=(
+            "full: a softmax over every class; candidates: over the classes the FAISS index retrieved "
+            "(large vocabularies, or an approximate index), an upper bound of the full probability"
+        ),
+    )
 
 
 class ClassifyResponse(BaseModel):
