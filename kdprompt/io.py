@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from kdprompt.faults import crash_point
+from kdprompt.folder_lock import folder_lock, remove_stale_temporaries
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, exclusive: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.
 
     Works for files and directories. On an exception the temporary is removed and ``path`` is untouched.
@@ -24,7 +25,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     leaves a torn file under the final name. Replacing a directory takes two renames (the old one moves to
     ``.NAME.old`` first); a crash between them is repaired by :func:`recover_swap`, which every later
     ``atomic_path`` on the same path (and any loader) runs first.
+
+    With ``exclusive`` (whole artefacts: bundles, caches) the write holds the target's
+    :func:`~kdprompt.folder_lock.folder_lock`, so two writers of one folder take turns, and the
+    temporaries that killed writers left beside it are removed first (none can be a live writer's).
     """
+    if exclusive:
+        with folder_lock(path):
+            remove_stale_temporaries(Path(path))
+            with atomic_path(path) as target:
+                yield target
+        return
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     recover_swap(final)

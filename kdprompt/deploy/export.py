@@ -193,7 +193,7 @@ def export_bundle(
     teacher_meta = _read_teacher_meta(meta)
     teacher_model = (teacher_meta.get("model") or {}).get("name")
 
-    with atomic_path(out) as tmp:
+    with atomic_path(out, exclusive=True) as tmp:
         tmp.mkdir()
         state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
         # One metadata key: safetensors writes the map in a random order, and two exports of the same

@@ -275,7 +275,7 @@ def export_clip_bundle(
     size = preprocess["size"]
     teacher = run.teacher_spec()
 
-    with atomic_path(out) as tmp:
+    with atomic_path(out, exclusive=True) as tmp:
         tmp.mkdir()
         state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
         save_file(state, str(tmp / ENCODER_FILE), metadata={"format": FORMAT})

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from kdprompt.data.classnames import read_classnames_file
+from kdprompt.folder_lock import folder_lock, remove_stale_temporaries
 from kdprompt.io import recover_swap
 from kdprompt.models.teacher import PromptedClip, load_teacher
 from kdprompt.text_features.store import TextCache, build_cache, check_replaceable
@@ -81,15 +82,18 @@ def write_cache_for_teacher(
     # The class list and the destination first: both fail before the (slow) teacher is loaded.
     classnames = read_classnames_file(classes_file)
     out = out or Path("cache") / f"{Path(teacher_dir).resolve().parent.name}-{Path(classes_file).stem}"
-    recover_swap(out)
-    check_replaceable(out, overwrite)
-    model = load_teacher(teacher_dir, device=device)
-    cache_class_features(
-        model,
-        classnames,
-        out,
-        provenance={"teacher": str(teacher_dir), "classes_file": str(classes_file)},
-        overwrite=overwrite,
-        index=index,
-    )
+    # One writer at a time; temporaries of killed writers (up to a whole cache) are removed.
+    with folder_lock(out):
+        remove_stale_temporaries(out)
+        recover_swap(out)
+        check_replaceable(out, overwrite)
+        model = load_teacher(teacher_dir, device=device)
+        cache_class_features(
+            model,
+            classnames,
+            out,
+            provenance={"teacher": str(teacher_dir), "classes_file": str(classes_file)},
+            overwrite=overwrite,
+            index=index,
+        )
     return out, len(classnames)

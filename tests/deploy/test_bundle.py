@@ -198,7 +198,7 @@ def test_export_cli_refuses_to_overwrite_and_stays_atomic(cli, student_run, tmp_
     failed = cli("export", student_run["student"], out, "--onnx", "--overwrite")
     assert failed.exit_code == 2 and "simulated ONNX failure" in failed.output
     assert (out / "manifest.json").read_text() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".bundle.lock", "bundle"]  # the lock file stays
     not_run = cli("export", tmp_path, tmp_path / "b2")
     assert not_run.exit_code == 2 and "not a student run" in not_run.output
 

@@ -76,8 +76,8 @@ def test_a_killed_export_overwrite_keeps_the_old_bundle(
     rerun = cli("export", student_run["student"], out, "--overwrite")
     assert rerun.exit_code == 0, rerun.output
     assert bundle_content(out) == reference
-    # (a killed export's hidden temporary .bundle.*.tmp may remain beside it; it is never read)
-    assert sorted(p.name for p in out.parent.iterdir() if not p.name.endswith(".tmp")) == ["bundle"]
+    # The killed export's hidden temporary (.bundle.*.tmp, up to a whole bundle) is gone; the lock stays.
+    assert sorted(p.name for p in out.parent.iterdir()) == [".bundle.lock", "bundle"]
 
 
 def test_a_killed_first_export_leaves_nothing_at_out(cli, student_run, reference, tmp_path):
@@ -104,6 +104,7 @@ def test_a_killed_cache_overwrite_keeps_the_old_cache(cli, student_run, tmp_path
     rerun = cli(*args)
     assert rerun.exit_code == 0, rerun.output
     assert load_cache(cache).classnames == ["red circle", "teal hexagon"]
+    assert sorted(p.name for p in cache.parent.iterdir() if p.name.startswith(".cache")) == [".cache.lock"]
 
 
 def distill_args(student_run, tmp_path: Path, teacher: Path, cache: Path) -> list[object]:
