@@ -112,10 +112,8 @@ def _shard_part(
     url: str, encoder: _Encoder, cfg: Any, digest: str
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
     """The tensors and metadata of one shard's part."""
-    import webdataset as wds
-
     from kdprompt.data.shard_format import DECODE_ERRORS
-    from kdprompt.data.shard_reader import decode_sample
+    from kdprompt.data.shard_reader import decode_sample, shard_samples
 
     shard = shard_name(url)
     keys: list[str] = []
@@ -123,7 +121,8 @@ def _shard_part(
     params: list[list[list[int]]] = []
     sizes: list[list[int]] = []
     views: list[Tensor] = []
-    for sample in wds.tarfile_samples([{"url": url}]):
+    # shard_samples marks the sample a cut shard ends in, so it is skipped here as training skips it.
+    for sample in shard_samples([url]):
         key = sample["__key__"]
         try:
             img, _, _ = decode_sample(sample)
