@@ -27,9 +27,15 @@ def flat_index(features: torch.Tensor) -> Any:
     return build_index(features, IndexPlan("flat"))
 
 
+# Probing a quarter of the lists already costs about a quarter of an exact scan plus the coarse search.
+MAX_PROBED_FRACTION = 0.25
+
+
 def planned_index(features: torch.Tensor, kind: str = "auto") -> tuple[Any, dict[str, Any]]:
     """The index ``kind`` (auto, flat, ivf) plans for ``features``, and its manifest entry.
 
+    With ``auto``, an IVF index that would have to probe more than :data:`MAX_PROBED_FRACTION` of its
+    lists to reach the recall target is dropped for exact search (recorded as ``ivf_rejected``).
     An IVF index gets the smallest ``nprobe`` reaching :data:`~kdprompt.text_features.ranking.RECALL_TARGET`
     recall@1 against exact search; the entry records it with the measured recall.
 
@@ -41,6 +47,11 @@ def planned_index(features: torch.Tensor, kind: str = "auto") -> tuple[Any, dict
     if plan.kind == "flat":
         return index, dict(FLAT_ENTRY)
     figures = tune_nprobe(index, features)
+    if kind == "auto" and figures["nprobe"] > MAX_PROBED_FRACTION * plan.nlist:
+        # Reaching the recall target means scanning most lists: no faster than exact search (vectors
+        # without cluster structure, e.g. random ones). `auto` keeps exact search and says why.
+        rejected = {"nlist": plan.nlist, **figures}
+        return build_index(features, plan_index(1, "flat")), {**FLAT_ENTRY, "ivf_rejected": rejected}
     return index, {"kind": "ivf", "nlist": plan.nlist, **figures}
 
 

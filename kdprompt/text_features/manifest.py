@@ -125,6 +125,12 @@ def describe_index(entry: dict[str, Any] | None) -> str:
     """One line on an index entry for users: ``flat (exact)`` or the IVF figures."""
     entry = entry or FLAT_ENTRY
     if entry.get("kind") != "ivf":
+        rejected = entry.get("ivf_rejected")
+        if isinstance(rejected, dict) and {"nprobe", "nlist"} <= set(rejected):
+            return (
+                f"flat (exact search; an IVF index would have needed {rejected['nprobe']} of its "
+                f"{rejected['nlist']} lists per query for the recall target, no faster than exact)"
+            )
         return "flat (exact search)"
     return (
         f"ivf (approximate: {entry['nlist']} lists, nprobe {entry['nprobe']}, recall@1 "

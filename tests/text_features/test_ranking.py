@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 import torch
 
-from kdprompt.apps.bench_vocab import bench_vocabulary, random_vocabulary, vocab_table
+from kdprompt.apps.bench_vocab import bench_vocabulary, clustered_vocabulary, random_vocabulary, vocab_table
 from kdprompt.errors import KdpromptError
 from kdprompt.text_features import ranking
 from kdprompt.text_features.ranking import build_index, plan_index, probe_queries, rank, tune_nprobe
@@ -71,7 +72,27 @@ def test_ivf_nprobe_is_tuned_to_the_recall_target_and_reports_it():
 
 
 def test_vocabulary_benchmark_rows_and_table():
-    row = bench_vocabulary(2000, 16, batch=8, k=5, repeats=1)
+    row = bench_vocabulary(2000, 16, batch=8, k=5, repeats=1, vocabulary="clustered")
     assert row["classes"] == 2000 and 0 <= row["ivf_recall@1"] <= 1 and row["flat_ms"] > 0
     assert row["matmul_mib"] > row["flat_mib"]  # the full logits cost memory the index does not
-    assert "| 2,000 | 16 |" in vocab_table([row])
+    assert "| clustered | 2,000 | 16 |" in vocab_table([row])
+
+
+def test_auto_keeps_ivf_only_where_it_is_faster_than_exact_search(monkeypatch):
+    """Past the threshold `auto` tries IVF; on vectors without structure it must probe most lists, so exact
+    search is kept and the manifest entry says why; on clustered vectors a few lists suffice."""
+    from kdprompt.text_features.index import MAX_PROBED_FRACTION, planned_index
+    from kdprompt.text_features.manifest import describe_index
+
+    monkeypatch.setattr(ranking, "APPROX_MIN_CLASSES", 1000)
+    random_index, random_entry = planned_index(torch.from_numpy(random_vocabulary(5000, 256, seed=2)))
+    assert random_entry["kind"] == "flat" and random_index.ntotal == 5000
+    rejected = random_entry["ivf_rejected"]
+    assert rejected["nprobe"] > MAX_PROBED_FRACTION * rejected["nlist"]
+    assert f"would have needed {rejected['nprobe']} of its {rejected['nlist']} lists" in describe_index(
+        random_entry
+    )
+
+    clustered, entry = planned_index(torch.from_numpy(clustered_vocabulary(5000, 256, clusters=60)))
+    assert entry["kind"] == "ivf" and entry["nprobe"] <= MAX_PROBED_FRACTION * entry["nlist"]
+    assert entry["recall@1"] >= ranking.RECALL_TARGET and isinstance(clustered, faiss.IndexIVFFlat)
