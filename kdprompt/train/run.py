@@ -262,7 +262,19 @@ def _claim(run: Run) -> None:
     if refusal is not None:
         if run.lock is not None:
             run.lock.release()
+        _leave_process_group()
         raise KdpromptError(refusal)
+
+
+def _leave_process_group() -> None:
+    """Let every rank leave together before one of them exits with an error.
+
+    Without it the main process (which hosts the rendezvous store) can exit while another rank is still
+    finishing the broadcast, and that rank dies by SIGABRT instead of exiting with the error.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def open_run(

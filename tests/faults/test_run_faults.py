@@ -132,7 +132,9 @@ def test_a_duplicate_distributed_run_is_refused_on_every_rank(reference, world_r
     refusals = [line for line in proc.stderr.splitlines() if line.startswith("error: run directory")]
     assert len(refusals) == 2, proc.stderr[-3000:]  # both ranks, with the same one line
     assert f"pid {os.getpid()}" in refusals[0] and refusals[0] == refusals[1]
-    assert proc.stderr.count("exitcode  : 2") == 2  # each rank exited as a user error
+    # Each rank exits as a user error; the launcher may stop the second with SIGTERM once the first has
+    # failed (torchrun's policy), but no rank may abort (the store torn down under it) or hang.
+    assert proc.stderr.count("exitcode  : 2") >= 1 and "SIGABRT" not in proc.stderr
     # The launcher reports its failed children with its own traceback; none may come from kdprompt.
     assert not [
         line for line in proc.stderr.splitlines() if line.startswith("  File") and "/kdprompt/" in line
