@@ -21,7 +21,7 @@ features), ``student`` (student forward + backward, FLOPs counted with
 - ``cached``: kdprompt on a teacher-output cache (:mod:`kdprompt.teacher_outputs`), the teacher's image
   tower never run. Before timing, photo-sized JPEGs (one per image of the largest batch) are written to a
   shard in a temporary folder and the real precompute (:func:`~kdprompt.teacher_outputs.precompute.write_teacher_outputs`)
-  stores V views of each (V: the recipe's ``teacher_outputs.views``, else 10), timed as image-views/s.
+  stores V views of each (V: the recipe's ``teacher_outputs.views``, else the section's default, 4), timed as image-views/s.
   Each timed step then does what distill does on stored outputs: its ``data`` phase re-cuts every image's
   stored view of the step's epoch (:class:`~kdprompt.teacher_outputs.replay.ReplayTransform`: row lookup,
   crop, flip, normalise), reads the matching feature rows from the parts
@@ -54,6 +54,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kdprompt.config.distill import TeacherOutputsConfig
 from kdprompt.io import write_json_atomic
 from kdprompt.train.runtime import resolve_mixed_precision
 
@@ -61,7 +62,7 @@ PHASES = ("data", "text", "teacher", "student", "optimiser")
 STUDENTS = ("prompts", "full")
 DEFAULT_TEACHER_RECIPE = "base2novel/oxford_pets/promptsrc-vit-l-14"
 PHOTO_SIZE = (500, 375)  # a typical OxfordPets photo, as the rehearsal writes them
-DEFAULT_VIEWS = 10  # V of the cached loop when the recipe has no teacher_outputs section
+DEFAULT_VIEWS = TeacherOutputsConfig.model_fields["views"].default  # V when the recipe has no section
 
 
 def _sync(device: torch.device) -> None:
@@ -571,7 +572,7 @@ def bench_real_size(
         decode_images: images the decode benchmark decodes.
         matmul_size: side of the square matmul timed for the machine's FLOP/s (default 8192 on CUDA, 2048 on CPU).
         views: V, views the ``cached`` loop's cache stores per image (default the recipe's
-            ``teacher_outputs.views``, else 10).
+            ``teacher_outputs.views``, else the section's default, 4).
 
     Raises:
         KdpromptError: an unknown mode or student, or ``warmup`` below 1.

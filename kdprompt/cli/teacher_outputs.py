@@ -13,7 +13,7 @@ def teacher_outputs(recipe: str, overrides: tuple[str, ...], dry_run: bool) -> N
 
     RECIPE is the distill recipe (built-in name or YAML file) and OVERRIDES its key.sub=value pairs; its
     teacher_outputs section says where and how, e.g. `teacher_outputs.path=cache/to/demo
-    teacher_outputs.views=10 teacher_outputs.dtype=fp16`. Writes one safetensors part per shard plus
+    teacher_outputs.views=4 teacher_outputs.dtype=fp16`. Writes one safetensors part per shard plus
     manifest.json; `kdprompt distill` with the same recipe then reads them instead of running the
     teacher's image tower. Runs under `accelerate launch` (ranks take disjoint shards); a killed run
     resumes where it stopped when started again.

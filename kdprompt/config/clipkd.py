@@ -16,7 +16,11 @@ from kdprompt.objectives.clipkd_combined import ClipKDObjectivesConfig, clipkd_d
 
 
 class ClipKDTrainConfig(TrainConfig):
-    """Optimisation of the student CLIP (AdamW, warm-up then cosine, as ``kdprompt pretrain``)."""
+    """Optimisation of the student CLIP (AdamW, warm-up then cosine, as ``kdprompt pretrain``).
+
+    ``grad_clip`` bounds the norm of the student's gradients only, as CLIP-KD does; the objectives'
+    parameters are not clipped.
+    """
 
     objectives_weight_decay: float = Field(
         default=0.01,

@@ -93,12 +93,21 @@ class ClipKDStage(StreamStage):
 
     def setup(self, run: Run) -> None:
         recipe, cfg = self.recipe, self.recipe.train
-        self.teacher = create_clip(recipe.teacher)
-        self.teacher.model.requires_grad_(False)
-        self.teacher.model.eval().to(run.device)
+        # The student first, straight after set_seed, as CLIP-KD builds it before the teacher
+        # (create_kd_model_and_transforms, src/open_clip/factory.py): it starts from the weights
+        # `kdprompt pretrain` gives it at the same seed.
         self.clip = create_clip(recipe.student)
         student = self.clip.model
-        objectives = ClipKDObjectives(recipe.objectives, embed_dim(student), embed_dim(self.teacher.model))
+        # The teacher's throwaway random init and the projectors draw from a fork of the RNG, so the
+        # augmentations after setup get the stream they get in `kdprompt pretrain` (CLIP-KD reseeds
+        # after building both models: random_seed(args.seed, args.rank) in src/training/main_kd.py).
+        with torch.random.fork_rng(devices=[]):
+            self.teacher = create_clip(recipe.teacher)
+            objectives = ClipKDObjectives(
+                recipe.objectives, embed_dim(student), embed_dim(self.teacher.model)
+            )
+        self.teacher.model.requires_grad_(False)
+        self.teacher.model.eval().to(run.device)
         if not objectives.uses_student_logits:
             student.logit_scale.requires_grad_(False)  # DDP refuses parameters that never get a gradient
         self.model = ClipKDModule(student, objectives, run.rank, run.world, cfg.gather_with_grad)
@@ -150,7 +159,10 @@ class ClipKDStage(StreamStage):
             t_image, t_text, t_scale = self._teacher_features(images, texts, run.device)
             terms = self.model(images, tokens, t_image, t_text, t_scale)
         lr = cosine_lr(run.step, run.total_steps, cfg.lr, cfg.warmup_steps)
-        clip_grad = (self.model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
+        # The student's gradients only, as CLIP-KD clips them (clip_grad_norm_(model.parameters()) in
+        # train_kd_one_epoch, src/training/train.py): the projectors' and ICL's scale's gradients are
+        # not clipped and do not count towards the student's norm.
+        clip_grad = (self.core.student.parameters(), cfg.grad_clip) if cfg.grad_clip else None
         run.optimizer_step(self.optimizer, terms["loss"], lr, clip_grad)
         with torch.no_grad():
             self.core.student.logit_scale.clamp_(0, MAX_LOGIT_SCALE)

@@ -111,15 +111,15 @@ def test_cached_loop_reads_a_real_cache_never_running_the_teacher(cli, tmp_path,
         out,
     )
     assert result.exit_code == 0, result.output
-    # The precompute ran the teacher's image tower over the stored views (2 images x 10 views, one
-    # forward of 20 after a warm-up forward); the 3 cached steps (1 warm-up + 2 timed) never did: each
+    # The precompute ran the teacher's image tower over the stored views (2 images x 4 views, the default
+    # V: one forward of 8 after a warm-up forward); the 3 cached steps (1 warm-up + 2 timed) never did: each
     # replayed its 2 stored views and read their 2 rows from the parts through the reader.
     assert calls["tower"] == 2
     assert during_steps == [{"tower": 0, "rows": 3, "replays": 6}]
     figures = json.loads(out.read_text())
     pre = figures["precompute"]
-    assert (pre["images"], pre["views"]) == (2, 10) and pre["bytes"] > 0
-    assert pre["image_views_per_s"] == pytest.approx(20 / pre["seconds"])
+    assert (pre["images"], pre["views"]) == (2, 4) and pre["bytes"] > 0
+    assert pre["image_views_per_s"] == pytest.approx(8 / pre["seconds"])
     row = figures["rows"][0]
     assert row["phase_ms"]["teacher"] == row["phase_ms"]["text"] == 0
     details = row["detail_ms"]

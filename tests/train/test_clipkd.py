@@ -126,6 +126,59 @@ def test_resume_matches_an_uninterrupted_run(cli, tmp_path, world_root, tiny_tea
         torch.testing.assert_close(full_w[key], part_w[key], rtol=0, atol=1e-6)
 
 
+def test_task_only_trains_the_student_as_pretrain_does(cli, tmp_path, world_root, tiny_teacher_weights):
+    """``objectives={task: {}}`` is the student's own pre-training: the same initial weights (the teacher
+    is built after the student), augmentations, updates and final weights as ``kdprompt pretrain``."""
+    clipkd = small_run(tmp_path, world_root, tiny_teacher_weights, "task")
+    result = cli("clipkd", "demo/clipkd-student", *clipkd, "objectives={task: {}}", "eval=[]", "export=null")
+    assert result.exit_code == 0, result.output
+    # demo/pretrain-student on the same shards and schedule: only its model section is named differently.
+    same = [kv for kv in clipkd if kv.split("=")[0] in {"output_dir", "shards_dir", "shard_maxcount"}]
+    same += [kv for kv in clipkd if kv.startswith(("data.", "train."))]
+    result = cli("pretrain", "demo/pretrain-student", "name=scratch", *same, "eval=[]", "export=null")
+    assert result.exit_code == 0, result.output
+    distilled, scratch = tmp_path / "runs" / "task" / "clipkd", tmp_path / "runs" / "scratch" / "pretrain"
+    kd_rows, pt_rows = read_jsonl(distilled / "metrics.jsonl"), read_jsonl(scratch / "metrics.jsonl")
+    assert [r["step"] for r in kd_rows] == [r["step"] for r in pt_rows] == [1, 2, 3, 4]
+    for a, b in zip(kd_rows, pt_rows, strict=True):  # step 1 equal: the same initial weights
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a, b)
+        assert a["lr"] == b["lr"]
+    final_kd, final_pt = (
+        load_file(str(distilled / "model.safetensors")),
+        load_file(str(scratch / "model.safetensors")),
+    )
+    assert final_kd.keys() == final_pt.keys()
+    for key in final_pt:
+        torch.testing.assert_close(final_kd[key], final_pt[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_gradients_are_clipped_over_the_student_only(tmp_path, world_root, tiny_teacher_weights, monkeypatch):
+    """CLIP-KD clips ``model.parameters()`` (the student; ``train_kd_one_epoch``): the projectors and ICL's
+    scale neither get clipped nor count towards the norm."""
+    from kdprompt.config.clipkd import ClipKDRecipe
+    from kdprompt.config.loading import load_recipe
+    from kdprompt.train.clipkd_loop import ClipKDStage
+    from kdprompt.train.run import Run, run_stage
+
+    clipped: list[set[int]] = []
+    optimizer_step = Run.optimizer_step
+
+    def spy(self, optimizer, loss, lr, clip=None):
+        params = list(clip[0])
+        clipped.append({id(p) for p in params})
+        return optimizer_step(self, optimizer, loss, lr, (params, clip[1]))
+
+    monkeypatch.setattr(Run, "optimizer_step", spy)
+    overrides = small_run(tmp_path, world_root, tiny_teacher_weights, "clip")
+    stage = ClipKDStage(
+        load_recipe(ClipKDRecipe, "demo/clipkd-student", [*overrides, "train.max_steps=1", "eval=[]"])
+    )
+    run_stage(stage)
+    student = {id(p) for p in stage.core.student.parameters()}
+    objectives = {id(p) for p in stage.core.objectives.parameters()}
+    assert objectives and clipped == [student]
+
+
 def test_old_image_objective_names_are_refused_with_their_new_names(cli):
     result = cli("distill", "demo/distill-student", "objectives={kl: {}, icl: {weight: 1}}", "--dry-run")
     assert result.exit_code == 2
