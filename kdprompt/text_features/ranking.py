@@ -36,6 +36,10 @@ FULL_SOFTMAX_MAX_CLASSES = 10_000
 CANDIDATES = 100
 RECALL_TARGET = 0.95
 RECALL_QUERIES = 256
+EXACT_CHUNK = 65536  # classes scored per matrix product by the exact search (bounds its memory)
+# FAISS 1.15 computes inner products with BLAS only from 128,000 queries at once, and one query vector at
+# a time below: 3.5x slower for a batch of 64 (`kdprompt bench vocab`). A batch of 20 already gains.
+faiss.cvar.distance_compute_blas_threshold = 20
 QUERY_COSINE = 0.3  # CLIP's typical image-text cosine: recall is measured on queries this close to a class
 # A GPU index returns at most this many neighbours (and probes at most this many lists) per query.
 GPU_MAX_K = 2048
@@ -182,7 +186,7 @@ def rank(index: Any, queries: torch.Tensor | np.ndarray, k: int, logit_scale: fl
             f"a GPU FAISS index returns at most {GPU_MAX_K} classes per image, {wanted} were asked for; "
             f"ask for at most {GPU_MAX_K} (--k) or run on the CPU (--device cpu)"
         )
-    scores, ids = index.search(x, wanted)
+    scores, ids = search(index, x, wanted)
     # An approximate index may return fewer than asked (id -1, score -FLT_MAX): they get probability 0.
     found = ids >= 0
     logits = np.where(found, logit_scale * np.where(found, scores, 0).astype(np.float64), -np.inf)
@@ -196,6 +200,38 @@ def rank(index: Any, queries: torch.Tensor | np.ndarray, k: int, logit_scale: fl
         # Full only when every class was scored: an IVF index leaves out the lists it did not probe.
         probabilities="full" if full and bool((ids >= 0).all()) else "candidates",
     )
+
+
+def search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(scores, ids)`` of the top ``k`` classes: chunked matrix products for a CPU flat index, else FAISS."""
+    x = _as_numpy(queries)
+    return _exact_search(index, x, k) if _is_cpu_flat(index) else index.search(x, k)
+
+
+def _is_cpu_flat(index: Any) -> bool:
+    return not _on_gpu(index) and isinstance(faiss.downcast_index(index), faiss.IndexFlat)
+
+
+def _exact_search(index: Any, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search`` of a CPU flat index, as chunked matrix products + top-k over its own vectors.
+
+    The same inner products and ranking as ``IndexFlatIP.search``, 3-10x faster for batches on CPU
+    (`kdprompt bench vocab`): torch's BLAS outruns the one bundled with faiss-cpu, and memory stays at
+    one chunk of scores. The vectors are read in place (``get_xb``), not copied.
+    """
+    flat = faiss.downcast_index(index)
+    vectors = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
+    queries = torch.from_numpy(x)
+    best_scores = torch.empty(len(x), 0)
+    best_ids = torch.empty(len(x), 0, dtype=torch.long)
+    for start in range(0, flat.ntotal, EXACT_CHUNK):
+        scores = queries @ torch.from_numpy(vectors[start : start + EXACT_CHUNK]).T
+        top_scores, top_ids = scores.topk(min(k, scores.shape[1]), dim=1)
+        merged = torch.cat([best_scores, top_scores], dim=1)
+        merged_ids = torch.cat([best_ids, top_ids + start], dim=1)
+        best_scores, order = merged.topk(min(k, merged.shape[1]), dim=1)
+        best_ids = merged_ids.gather(1, order)
+    return best_scores.numpy(), best_ids.numpy()
 
 
 def time_search(index: Any, queries: np.ndarray, k: int, repeats: int = 3) -> float:

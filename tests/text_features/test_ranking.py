@@ -73,7 +73,12 @@ def test_ivf_nprobe_is_tuned_to_the_recall_target_and_reports_it():
 
 def test_vocabulary_benchmark_rows_and_table():
     row = bench_vocabulary(2000, 16, batch=8, k=5, repeats=1, vocabulary="clustered")
-    assert row["classes"] == 2000 and 0 <= row["ivf_recall@1"] <= 1 and row["flat_ms"] > 0
+    assert (
+        row["classes"] == 2000
+        and 0 <= row["ivf_recall@1"] <= 1
+        and row["flat_ms"] > 0
+        and row["exact_ms"] > 0
+    )
     assert row["matmul_mib"] > row["flat_mib"]  # the full logits cost memory the index does not
     assert "| clustered | 2,000 | 16 |" in vocab_table([row])
 
@@ -96,3 +101,15 @@ def test_auto_keeps_ivf_only_where_it_is_faster_than_exact_search(monkeypatch):
     clustered, entry = planned_index(torch.from_numpy(clustered_vocabulary(5000, 256, clusters=60)))
     assert entry["kind"] == "ivf" and entry["nprobe"] <= MAX_PROBED_FRACTION * entry["nlist"]
     assert entry["recall@1"] >= ranking.RECALL_TARGET and isinstance(clustered, faiss.IndexIVFFlat)
+
+
+def test_exact_search_in_chunks_is_faiss_flat_search(monkeypatch):
+    """The chunked matrix-product search of a CPU flat index ranks as IndexFlatIP.search does."""
+    monkeypatch.setattr(ranking, "EXACT_CHUNK", 700)  # several chunks, the last one short
+    vectors = random_vocabulary(3000, 48, seed=7)
+    queries = probe_queries(vectors, 32, seed=8)
+    index = build_index(vectors, plan_index(3000, "flat"))
+    scores, ids = ranking.search(index, queries, 10)
+    faiss_scores, faiss_ids = index.search(queries, 10)
+    assert (ids == faiss_ids).mean() > 0.999
+    np.testing.assert_allclose(scores, faiss_scores, rtol=1e-5, atol=1e-6)
