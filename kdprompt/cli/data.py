@@ -109,7 +109,7 @@ def shards(
     default="auto",
     show_default=True,
     help="The FAISS index: flat (exact), ivf (approximate; nprobe tuned to 95% recall@1, the measured "
-    "recall recorded in the manifest) or auto (flat below 200,000 classes, ivf from there). See "
+    "recall recorded in the manifest) or auto (exact below 100,000 classes; from there IVF when it measures faster than exact at 95% recall). See "
     "docs/VOCABULARY.md.",
 )
 @user_errors

@@ -76,7 +76,7 @@ def _human(n: float) -> str:
     default="auto",
     show_default=True,
     help="The FAISS index the bundle ranks classes with: auto keeps the one the cache was built with (a "
-    "cache from before kdprompt recorded it gets IVF from 200,000 classes); flat (exact) or ivf "
+    "cache from before kdprompt recorded it tries IVF from 100,000 classes); flat (exact) or ivf "
     "(approximate, recall measured and recorded) rebuild it when it is another kind. See docs/VOCABULARY.md.",
 )
 @user_errors
