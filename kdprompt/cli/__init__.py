@@ -31,6 +31,7 @@ def main() -> None:
       kdprompt pretrain RECIPE   contrastive CLIP pre-training on image-text shards
       kdprompt teacher RECIPE    prompt-learn a teacher (PromptSRC / MaPLe), cache its class features
       kdprompt cache TEACHER     text-feature cache for another class list, no retraining
+      kdprompt teacher-outputs R (optional) the teacher's image features of V views, computed once
       kdprompt distill RECIPE    distill a compact student on unlabelled shards
       kdprompt clipkd RECIPE     CLIP-KD: distill a whole student CLIP on image-text shards
       kdprompt eval ...          base / novel / HM accuracy of zero-shot CLIPs, teachers, students, bundles
