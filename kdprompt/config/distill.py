@@ -35,8 +35,9 @@ class TeacherOutputsConfig(StrictModel):
     augmented views of every unlabelled image, precomputed once and replayed by distillation."""
 
     path: Path = Field(description="where `kdprompt teacher-outputs` writes them (manifest.json + parts/)")
-    # 4: on the demo (3 seeds) as good as online distillation (HM 57.33 vs 57.63, 10 views 57.10), and the
-    # one V at which a 20-epoch recipe with its precompute costs half of online at real size (docs/TEACHER_CACHE.md).
+    # 4: on the demo (3 seeds) as good as online distillation (HM 57.33 vs 57.63; 10 views: 57.10), and the
+    # precompute costs V teacher forwards per image, against 20 online: fewer views, cheaper recipe
+    # (docs/TEACHER_CACHE.md).
     views: int = Field(default=4, ge=1, description="augmented views stored per image (V)")
     dtype: Literal["fp16", "bf16", "fp32"] = Field(
         default="fp16", description="storage dtype of the features"
