@@ -75,9 +75,9 @@ def plan_index(num_classes: int, kind: str = "auto") -> IndexPlan:
         raise KdpromptError(f"unknown index kind {kind!r}; use one of {', '.join(INDEX_KINDS)}")
     if kind == "flat" or (kind == "auto" and num_classes < APPROX_MIN_CLASSES):
         return IndexPlan("flat")
-    # ~sqrt(N) lists keeps both the coarse search and each list short; at least 1, at most N / 39
-    # (FAISS wants >= 39 training points per centroid).
-    nlist = max(1, min(int(math.sqrt(num_classes)), num_classes // 39))
+    # ~4 sqrt(N) lists (FAISS's guideline): short lists, so few vectors are scanned per probe; at least 1,
+    # at most N / 39 (FAISS wants >= 39 training points per centroid).
+    nlist = max(1, min(4 * int(math.sqrt(num_classes)), num_classes // 39))
     return IndexPlan("ivf", nlist=nlist, nprobe=1)
 
 

@@ -542,10 +542,10 @@ def test_an_ivf_bundle_records_its_recall_predicts_and_refuses_another_index(
     out = tmp_path / "bundle"
     result = cli("export", student_run["student"], out, "--cache", tmp_path / "cache", "--index", "ivf")
     assert result.exit_code == 0, result.output
-    assert "index: ivf (approximate: 54 lists, nprobe" in result.output and "recall@1" in result.output
+    assert "index: ivf (approximate: 76 lists, nprobe" in result.output and "recall@1" in result.output
     bundle = load_bundle(out)
     entry = bundle.manifest["cache"]["index"]
-    assert entry == bundle.cache.manifest["index"] and entry["kind"] == "ivf" and entry["nlist"] == 54
+    assert entry == bundle.cache.manifest["index"] and entry["kind"] == "ivf" and entry["nlist"] == 76
     assert {"nprobe", "recall@1", "recall@5", "recall_queries"} <= set(entry)
     assert index_kind(bundle.cache.index) == "ivf"
 

@@ -42,7 +42,7 @@ def edit_manifest(path: Path, edit) -> None:
 def test_an_ivf_cache_records_its_measured_recall_and_loads_with_its_nprobe(tmp_path):
     built = random_cache(tmp_path / "c", 3000, index="ivf")
     entry = built.manifest["index"]
-    assert entry["kind"] == "ivf" and entry["nlist"] == 54  # min(sqrt(3000), 3000 // 39)
+    assert entry["kind"] == "ivf" and entry["nlist"] == 76  # min(4 sqrt(3000), 3000 // 39)
     assert 1 <= entry["nprobe"] <= entry["nlist"]
     assert 0 <= entry["recall@5"] <= 1 and entry["recall_queries"] == ranking.RECALL_QUERIES
     assert entry["recall@1"] >= ranking.RECALL_TARGET or entry["nprobe"] == entry["nlist"]

@@ -51,7 +51,7 @@ def test_large_vocabularies_say_their_softmax_covers_only_the_candidates(monkeyp
 def test_auto_plan_is_exact_below_the_threshold_and_ivf_above():
     assert plan_index(ranking.APPROX_MIN_CLASSES - 1).kind == "flat"
     plan = plan_index(ranking.APPROX_MIN_CLASSES)
-    assert plan.kind == "ivf" and plan.nlist == int(ranking.APPROX_MIN_CLASSES**0.5)
+    assert plan.kind == "ivf" and plan.nlist == 4 * int(ranking.APPROX_MIN_CLASSES**0.5)
     assert plan_index(10**7, "flat").kind == "flat"
     with pytest.raises(KdpromptError, match="unknown index kind 'hnsw'; use one of auto, flat, ivf"):
         plan_index(10, "hnsw")
