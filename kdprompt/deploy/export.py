@@ -137,6 +137,64 @@ def _image_tower_parameters(model_name: str) -> int:
         return sum(p.numel() for p in build_visual(config).parameters())
 
 
+def write_encoder_files(tmp: Path, encoder: Any, config: dict[str, Any], preprocess: dict[str, Any]) -> None:
+    """Create the bundle folder ``tmp`` with its encoder weights, open_clip config and preprocessing."""
+    from safetensors.torch import save_file
+
+    tmp.mkdir()
+    state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    # One metadata key: safetensors writes the map in a random order, and two exports of the same
+    # run must be byte-identical (the version is in the manifest).
+    save_file(state, str(tmp / ENCODER_FILE), metadata={"format": FORMAT})
+    crash_point("export.encoder_written")
+    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    (tmp / PREPROCESS_FILE).write_text(json.dumps(preprocess, indent=2) + "\n", encoding="utf-8")
+
+
+def finish_bundle(
+    tmp: Path,
+    name: str,
+    encoder: Any,
+    fields: dict[str, Any],
+    *,
+    features_sha256: str,
+    onnx: bool,
+    opset: int,
+) -> dict[str, Any]:
+    """ONNX (when asked), the file list and the sealed ``manifest.json`` of a bundle whose cache is written.
+
+    ``fields`` are what the exporter knows (model, parameters, preprocess, teacher, cache, ...); the
+    format header, the fingerprint, the ONNX record and every file's sha256 are added here.
+    """
+    from kdprompt.version import __version__
+
+    crash_point("export.cache_copied")
+    onnx_info = None
+    if onnx:
+        from kdprompt.deploy.onnx import export_onnx
+
+        size = fields["preprocess"]["size"]
+        onnx_info = export_onnx(encoder, tmp / ONNX_FILE, image_size=(size[0], size[1]), opset=opset)
+    files = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    manifest = seal_manifest(
+        {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "kdprompt_version": __version__,
+            "torch_version": torch.__version__.split("+")[0],
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "name": name,
+            **fields,
+            "fingerprint": hashlib.sha256((files[ENCODER_FILE] + features_sha256).encode()).hexdigest(),
+            "onnx": onnx_info,
+            "files": files,
+        }
+    )
+    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    crash_point("export.manifest_written")  # complete, not yet renamed into place
+    return manifest
+
+
 def export_bundle(
     student_run: Path,
     out: Path,
@@ -167,14 +225,12 @@ def export_bundle(
         KdpromptError: not a student run, a missing or stale cache, ``out`` is a bundle and no
             ``overwrite``, ``out`` holds something else, or an ONNX graph that does not match torch.
     """
-    from safetensors.torch import save_file
 
     from kdprompt.deploy.encoder import ImageEncoder, open_clip_config
     from kdprompt.io import atomic_path
     from kdprompt.models.student import STUDENT_FILE, STUDENT_WEIGHTS, load_student
     from kdprompt.text_features.manifest import index_entry
     from kdprompt.text_features.store import copy_cache
-    from kdprompt.version import __version__
 
     student_dir = resolve_student_dir(student_run)
     out = Path(out)
@@ -194,75 +250,54 @@ def export_bundle(
     teacher_model = (teacher_meta.get("model") or {}).get("name")
 
     with atomic_path(out, exclusive=True) as tmp:
-        tmp.mkdir()
-        state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
-        # One metadata key: safetensors writes the map in a random order, and two exports of the same
-        # run must be byte-identical (the version is in the manifest).
-        save_file(state, str(tmp / ENCODER_FILE), metadata={"format": FORMAT})
-        crash_point("export.encoder_written")
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        (tmp / PREPROCESS_FILE).write_text(json.dumps(preprocess, indent=2) + "\n", encoding="utf-8")
+        write_encoder_files(tmp, encoder, config, preprocess)
         shipped = copy_cache(cache, tmp / CACHE_DIR, index)
-        crash_point("export.cache_copied")
-        onnx_info = None
-        if onnx:
-            from kdprompt.deploy.onnx import export_onnx
-
-            onnx_info = export_onnx(encoder, tmp / ONNX_FILE, image_size=(size[0], size[1]), opset=opset)
-        files = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        manifest = seal_manifest(
-            {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "kdprompt_version": __version__,
-                "torch_version": torch.__version__.split("+")[0],
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "name": student_dir.resolve().parent.name,
-                "model": {
-                    "name": student.spec.name,
-                    "adaptation": meta["student"]["adaptation"],
-                    "open_clip_config": CONFIG_FILE,
-                    "prompts": None
-                    if encoder.prompts is None
-                    else {"depth": encoder.prompts.shape[0], "n_ctx": encoder.prompts.shape[1]},
-                    "projector": projector_specs,
-                    "embed_dim": cache.embed_dim,
-                    "input_size": [3, size[0], size[1]],
-                },
-                "parameters": {
-                    **counts,
-                    "teacher_image_tower": _image_tower_parameters(teacher_model) if teacher_model else None,
-                },
-                "preprocess": preprocess,
-                "logit_scale": cache.logit_scale,
-                "classes": {
-                    "num_classes": cache.num_classes,
-                    "classnames_sha256": cache.manifest["classnames_sha256"],
-                },
-                "teacher": {
-                    "fingerprint": meta["teacher"]["fingerprint"],
-                    "path": meta["teacher"]["path"],
-                    "model": teacher_model,
-                    # lets `kdprompt eval --bundle` default to the data the teacher was trained on
-                    "data": teacher_meta.get("data"),
-                },
-                "cache": {
-                    "dir": CACHE_DIR,
-                    "teacher_fingerprint": cache.teacher_fingerprint,
-                    "features_sha256": cache.manifest["features_sha256"],
-                    "index": index_entry(shipped.manifest),
-                },
-                "source": {
-                    "student_run": str(student_dir),
-                    "student_sha256": file_sha256(student_dir / STUDENT_WEIGHTS),
-                },
-                "fingerprint": hashlib.sha256(
-                    (files[ENCODER_FILE] + cache.manifest["features_sha256"]).encode()
-                ).hexdigest(),
-                "onnx": onnx_info,
-                "files": files,
-            }
+        fields = {
+            "model": {
+                "name": student.spec.name,
+                "adaptation": meta["student"]["adaptation"],
+                "open_clip_config": CONFIG_FILE,
+                "prompts": None
+                if encoder.prompts is None
+                else {"depth": encoder.prompts.shape[0], "n_ctx": encoder.prompts.shape[1]},
+                "projector": projector_specs,
+                "embed_dim": cache.embed_dim,
+                "input_size": [3, size[0], size[1]],
+            },
+            "parameters": {
+                **counts,
+                "teacher_image_tower": _image_tower_parameters(teacher_model) if teacher_model else None,
+            },
+            "preprocess": preprocess,
+            "logit_scale": cache.logit_scale,
+            "classes": {
+                "num_classes": cache.num_classes,
+                "classnames_sha256": cache.manifest["classnames_sha256"],
+            },
+            "teacher": {
+                "fingerprint": meta["teacher"]["fingerprint"],
+                "path": meta["teacher"]["path"],
+                "model": teacher_model,
+                # lets `kdprompt eval --bundle` default to the data the teacher was trained on
+                "data": teacher_meta.get("data"),
+            },
+            "cache": {
+                "dir": CACHE_DIR,
+                "teacher_fingerprint": cache.teacher_fingerprint,
+                "features_sha256": cache.manifest["features_sha256"],
+                "index": index_entry(shipped.manifest),
+            },
+            "source": {
+                "student_run": str(student_dir),
+                "student_sha256": file_sha256(student_dir / STUDENT_WEIGHTS),
+            },
+        }
+        return finish_bundle(
+            tmp,
+            student_dir.resolve().parent.name,
+            encoder,
+            fields,
+            features_sha256=cache.manifest["features_sha256"],
+            onnx=onnx,
+            opset=opset,
         )
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        crash_point("export.manifest_written")  # complete, not yet renamed into place
-    return manifest

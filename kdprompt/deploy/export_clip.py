@@ -11,7 +11,6 @@ is no teacher cache behind it.
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import json
 from dataclasses import dataclass
@@ -23,22 +22,15 @@ import torch
 from kdprompt.deploy.export import (
     CACHE_DIR,
     CONFIG_FILE,
-    ENCODER_FILE,
-    FORMAT,
-    FORMAT_VERSION,
-    MANIFEST_FILE,
-    ONNX_FILE,
-    PREPROCESS_FILE,
     _check_replaceable,
     _image_tower_parameters,
     _preprocess_config,
     export_bundle,
-    seal_manifest,
+    finish_bundle,
+    write_encoder_files,
 )
 from kdprompt.errors import KdpromptError
-from kdprompt.faults import crash_point
 from kdprompt.io import file_sha256, recover_swap
-from kdprompt.version import __version__
 
 RECIPE_FILE = "recipe.yaml"
 WEIGHTS_FILE = "model.safetensors"
@@ -223,7 +215,6 @@ def export_clip_bundle(
         KdpromptError: not a CLIP run, no ``classes``, a ``cache_dir``, an unknown template set, a bad
             class file, or ``out`` is a bundle and no ``overwrite`` / holds something else.
     """
-    from safetensors.torch import save_file
 
     from kdprompt.data.classnames import read_classnames_file
     from kdprompt.deploy.encoder import ImageEncoder, open_clip_config
@@ -276,12 +267,7 @@ def export_clip_bundle(
     teacher = run.teacher_spec()
 
     with atomic_path(out, exclusive=True) as tmp:
-        tmp.mkdir()
-        state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
-        save_file(state, str(tmp / ENCODER_FILE), metadata={"format": FORMAT})
-        crash_point("export.encoder_written")
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        (tmp / PREPROCESS_FILE).write_text(json.dumps(preprocess, indent=2) + "\n", encoding="utf-8")
+        write_encoder_files(tmp, encoder, config, preprocess)
         cache = build_cache(
             features,
             classnames,
@@ -299,70 +285,56 @@ def export_clip_bundle(
             prompts=tset.prompts(classnames) if len(tset.templates) == 1 else None,
             index=index,
         )
-        crash_point("export.cache_copied")
-        onnx_info = None
-        if onnx:
-            from kdprompt.deploy.onnx import export_onnx
-
-            onnx_info = export_onnx(encoder, tmp / ONNX_FILE, image_size=(size[0], size[1]), opset=opset)
-        files = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        manifest = seal_manifest(
-            {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "kdprompt_version": __version__,
-                "torch_version": torch.__version__.split("+")[0],
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "name": run.path.resolve().parent.name,
-                "text_features_from": "student",
-                "model": {
-                    "name": spec.name,
-                    "adaptation": run.kind,
-                    "open_clip_config": CONFIG_FILE,
-                    "prompts": None,
-                    "projector": [],
-                    "embed_dim": cache.embed_dim,
-                    "input_size": [3, size[0], size[1]],
-                },
-                "parameters": {
-                    **encoder.parameter_counts(),
-                    "teacher_image_tower": _image_tower_parameters(teacher.name) if teacher else None,
-                },
-                "preprocess": preprocess,
-                "logit_scale": logit_scale,
-                "classes": {
-                    "num_classes": cache.num_classes,
-                    "classnames_sha256": cache.manifest["classnames_sha256"],
-                },
-                "templates": templates,
-                # The CLIP it was distilled from (clipkd); no teacher directory, no teacher cache.
-                "teacher": {
-                    "fingerprint": None,
-                    "path": None,
-                    "model": teacher.name if teacher else None,
-                    "pretrained": teacher.pretrained if teacher else None,
-                    "data": None,
-                },
-                "cache": {
-                    "dir": CACHE_DIR,
-                    # the CLIP's own fingerprint: its text tower wrote the features
-                    "teacher_fingerprint": cache.teacher_fingerprint,
-                    "features_sha256": cache.manifest["features_sha256"],
-                    "index": index_entry(cache.manifest),
-                },
-                "source": {
-                    "run": str(run.path),
-                    "recipe": run.kind,
-                    "weights_sha256": file_sha256(run.weights),
-                    "fingerprint": fingerprint,
-                },
-                "fingerprint": hashlib.sha256(
-                    (files[ENCODER_FILE] + cache.manifest["features_sha256"]).encode()
-                ).hexdigest(),
-                "onnx": onnx_info,
-                "files": files,
-            }
+        fields = {
+            "text_features_from": "student",
+            "model": {
+                "name": spec.name,
+                "adaptation": run.kind,
+                "open_clip_config": CONFIG_FILE,
+                "prompts": None,
+                "projector": [],
+                "embed_dim": cache.embed_dim,
+                "input_size": [3, size[0], size[1]],
+            },
+            "parameters": {
+                **encoder.parameter_counts(),
+                "teacher_image_tower": _image_tower_parameters(teacher.name) if teacher else None,
+            },
+            "preprocess": preprocess,
+            "logit_scale": logit_scale,
+            "classes": {
+                "num_classes": cache.num_classes,
+                "classnames_sha256": cache.manifest["classnames_sha256"],
+            },
+            "templates": templates,
+            # The CLIP it was distilled from (clipkd); no teacher directory, no teacher cache.
+            "teacher": {
+                "fingerprint": None,
+                "path": None,
+                "model": teacher.name if teacher else None,
+                "pretrained": teacher.pretrained if teacher else None,
+                "data": None,
+            },
+            "cache": {
+                "dir": CACHE_DIR,
+                # the CLIP's own fingerprint: its text tower wrote the features
+                "teacher_fingerprint": cache.teacher_fingerprint,
+                "features_sha256": cache.manifest["features_sha256"],
+                "index": index_entry(cache.manifest),
+            },
+            "source": {
+                "run": str(run.path),
+                "recipe": run.kind,
+                "weights_sha256": file_sha256(run.weights),
+                "fingerprint": fingerprint,
+            },
+        }
+        return finish_bundle(
+            tmp,
+            run.path.resolve().parent.name,
+            encoder,
+            fields,
+            features_sha256=cache.manifest["features_sha256"],
+            onnx=onnx,
+            opset=opset,
         )
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        crash_point("export.manifest_written")  # complete, not yet renamed into place
-    return manifest
