@@ -19,13 +19,11 @@ from torch import Tensor, nn
 from kdprompt.config.clipkd import ClipKDRecipe
 from kdprompt.data.augment import view_converter
 from kdprompt.errors import KdpromptError
-from kdprompt.io import write_json_atomic
-from kdprompt.models.loading import create_clip, save_clip_weights
+from kdprompt.models.loading import create_clip
 from kdprompt.objectives.clipkd_combined import ClipKDObjectives
 from kdprompt.train.checkpoint import Checkpoint
-from kdprompt.train.metrics import plot_curves, read_jsonl
-from kdprompt.train.pretrain_loop import MAX_LOGIT_SCALE, evaluate_zero_shot
-from kdprompt.train.run import Run, StreamStage, run_stage
+from kdprompt.train.pretrain_loop import MAX_LOGIT_SCALE, ClipStage
+from kdprompt.train.run import Run, run_stage
 from kdprompt.train.runtime import cosine_lr, decay_groups
 
 
@@ -83,7 +81,7 @@ class ClipKDModule(nn.Module):
         return self.objectives(image, text, scale, teacher_image, teacher_text, teacher_scale)
 
 
-class ClipKDStage(StreamStage):
+class ClipKDStage(ClipStage):
     """A student CLIP trains on image-text shards against a frozen teacher CLIP (CLIP-KD)."""
 
     name = "clipkd"
@@ -177,45 +175,15 @@ class ClipKDStage(StreamStage):
             row["cross_logit_scale"] = objectives["icl"].scale.detach().item()
         return {**row, **self.meter.window(run.accelerator)}
 
-    def postfix(self, row: dict[str, Any]) -> dict[str, str]:
-        return {"loss": f"{row['loss']:.3f}", "img_s": f"{row['images_per_s']:.0f}"}
-
-    def tensors(self) -> dict[str, Tensor]:
-        return self.core.state_dict()
-
-    def checkpoint_meta(self, run: Run, epoch_end: bool) -> dict[str, Any]:
-        return {"epoch": run.step // run.per_epoch}
-
     def finish(self, run: Run) -> None:
         """Export the student CLIP, evaluate it zero-shot and plot (main process); every rank's data record."""
         recipe = self.recipe
-        self.write_data_record(run)
-        if not run.main:
-            return
-        student = self.core.student
-        save_clip_weights(student, run.run_dir / "model.safetensors")
-        if recipe.export is not None:
-            save_clip_weights(student, recipe.export)
-        rows = read_jsonl(run.run_dir / "metrics.jsonl")
-        results: dict[str, Any] = {
-            "steps": run.step,
-            "world_size": run.world,
-            "samples_per_epoch": self.samples,
+        details = {
             "student": recipe.student.model_dump(mode="json"),
             "teacher": recipe.teacher.model_dump(mode="json"),
-            "final_loss": rows[-1]["loss"] if rows else None,
-            "final_terms": {k: rows[-1][k] for k in recipe.objectives} if rows else {},
-            "corrupt_samples": rows[-1]["corrupt_samples"] if rows else 0,
         }
-        student.eval()
-        results["zero_shot_top1"] = evaluate_zero_shot(self.clip, recipe.eval, run.device)
-        write_json_atomic(run.run_dir / "metrics.json", results)
-        plot_curves(
-            run.run_dir / "metrics.jsonl",
-            run.run_dir / "curves.png",
-            ["loss", *recipe.objectives, "logit_scale", "lr"],
-            title=f"clipkd {recipe.name}",
-        )
+        curves = ["loss", *recipe.objectives, "logit_scale", "lr"]
+        self.finish_clip(run, self.core.student, details, curves, terms=tuple(recipe.objectives))
 
 
 def run_clipkd(recipe: ClipKDRecipe) -> Path:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 from open_clip.loss import ClipLoss
-from torch import Tensor
+from torch import Tensor, nn
 
 from kdprompt.config.common import ZeroShotEval
 from kdprompt.config.pretrain import PretrainRecipe
@@ -52,7 +52,61 @@ def evaluate_zero_shot(clip: Any, evals: list[ZeroShotEval], device: torch.devic
     return results
 
 
-class PretrainStage(StreamStage):
+class ClipStage(StreamStage):
+    """A stage whose product is a whole CLIP (``pretrain``, ``clipkd``): its checkpoints hold ``core``,
+    and it ends exported (open_clip weights), evaluated zero-shot (``self.clip``) and plotted."""
+
+    def postfix(self, row: dict[str, Any]) -> dict[str, str]:
+        return {"loss": f"{row['loss']:.3f}", "img_s": f"{row['images_per_s']:.0f}"}
+
+    def tensors(self) -> dict[str, Tensor]:
+        return self.core.state_dict()
+
+    def checkpoint_meta(self, run: Run, epoch_end: bool) -> dict[str, Any]:
+        return {"epoch": run.step // run.per_epoch}
+
+    def finish_clip(
+        self,
+        run: Run,
+        model: nn.Module,
+        details: dict[str, Any],
+        curves: list[str],
+        terms: tuple[str, ...] = (),
+    ) -> None:
+        """Write every rank's data record; on the main process save ``model`` (the run's
+        ``model.safetensors`` and the recipe's ``export``), evaluate it and write ``metrics.json``
+        (``details`` added, and the last logged value of each loss term of ``terms`` as ``final_terms``)
+        and the curves of ``curves``."""
+        recipe = self.recipe
+        self.write_data_record(run)
+        if not run.main:
+            return
+        save_clip_weights(model, run.run_dir / "model.safetensors")
+        if recipe.export is not None:
+            save_clip_weights(model, recipe.export)
+        rows = read_jsonl(run.run_dir / "metrics.jsonl")
+        results: dict[str, Any] = {
+            "steps": run.step,
+            "world_size": run.world,
+            "samples_per_epoch": self.samples,
+            **details,
+            "final_loss": rows[-1]["loss"] if rows else None,
+            "corrupt_samples": rows[-1]["corrupt_samples"] if rows else 0,
+        }
+        if terms:
+            results["final_terms"] = {k: rows[-1][k] for k in terms} if rows else {}
+        model.eval()
+        results["zero_shot_top1"] = evaluate_zero_shot(self.clip, recipe.eval, run.device)
+        write_json_atomic(run.run_dir / "metrics.json", results)
+        plot_curves(
+            run.run_dir / "metrics.jsonl",
+            run.run_dir / "curves.png",
+            curves,
+            title=f"{recipe.recipe} {recipe.name}",
+        )
+
+
+class PretrainStage(ClipStage):
     """The whole CLIP trains on image-text shards with open_clip's contrastive loss."""
 
     name = "pretrain"
@@ -104,41 +158,9 @@ class PretrainStage(StreamStage):
             **self.meter.window(run.accelerator),
         }
 
-    def postfix(self, row: dict[str, Any]) -> dict[str, str]:
-        return {"loss": f"{row['loss']:.3f}", "img_s": f"{row['images_per_s']:.0f}"}
-
-    def tensors(self) -> dict[str, Tensor]:
-        return self.core.state_dict()
-
-    def checkpoint_meta(self, run: Run, epoch_end: bool) -> dict[str, Any]:
-        return {"epoch": run.step // run.per_epoch}
-
     def finish(self, run: Run) -> None:
         """Export the weights, evaluate zero-shot and plot (main process); every rank's data record."""
-        recipe = self.recipe
-        self.write_data_record(run)
-        results: dict[str, Any] = {
-            "steps": run.step,
-            "world_size": run.world,
-            "samples_per_epoch": self.samples,
-        }
-        if not run.main:
-            return
-        save_clip_weights(self.core, run.run_dir / "model.safetensors")
-        if recipe.export is not None:
-            save_clip_weights(self.core, recipe.export)
-        rows = read_jsonl(run.run_dir / "metrics.jsonl")
-        results["final_loss"] = rows[-1]["loss"] if rows else None
-        results["corrupt_samples"] = rows[-1]["corrupt_samples"] if rows else 0
-        self.core.eval()
-        results["zero_shot_top1"] = evaluate_zero_shot(self.clip, recipe.eval, run.device)
-        write_json_atomic(run.run_dir / "metrics.json", results)
-        plot_curves(
-            run.run_dir / "metrics.jsonl",
-            run.run_dir / "curves.png",
-            ["loss", "logit_scale", "lr"],
-            title=f"pretrain {recipe.name}",
-        )
+        self.finish_clip(run, self.core, {}, ["loss", "logit_scale", "lr"])
 
 
 def run_pretrain(recipe: PretrainRecipe) -> Path:
