@@ -85,6 +85,27 @@ def accelerate_launch(args: list[str], processes: int = 2, timeout: int = 600) -
 TINY_WORLD = ["train_per_class=4", "test_per_class=2", "val_per_class=1"]
 
 
+def distill_args(trained, tmp_path: Path, name: str, adaptation: str = "full") -> list[str]:
+    """Overrides of `demo/distill-student` for a 2-epoch run on the tiny world against ``trained``."""
+    return [
+        f"name={name}",
+        f"output_dir={tmp_path / 'runs'}",
+        f"teacher={trained['teacher']}",
+        f"cache={trained['cache']}",
+        f"student.model.pretrained={trained['student']}",
+        f"student.adaptation={adaptation}",
+        "student.depth=2",
+        f"data.root={trained['world_root']}",
+        *[f"data.{kv}" for kv in TINY_WORLD],
+        f"shards_dir={tmp_path / 'shards'}",
+        "shard_maxcount=48",
+        "train.batch_size=16",
+        "train.epochs=2",
+        "train.log_every=1",
+        "train.shuffle_buffer=32",
+    ]
+
+
 def train_tiny_teacher(root, world_root: str, teacher_weights: str) -> dict:
     """A tiny PromptSRC teacher with its cache (through the CLI), and student weights standing in for a
     pre-trained student, under ``root``.

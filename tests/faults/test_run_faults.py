@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_WORLD
 from safetensors.torch import load_file
 
 from kdprompt.faults import CRASH_ENV
@@ -32,7 +33,6 @@ PHASES = [
     "checkpoint.meta_written",
     "checkpoint.renamed",
 ]
-TINY_WORLD = ["train_per_class=4", "test_per_class=2", "val_per_class=1"]
 
 
 def overrides(root: Path, world_root: str, name: str) -> list[str]:

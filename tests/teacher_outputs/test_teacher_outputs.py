@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
-from conftest import TINY_WORLD, train_tiny_teacher
+from conftest import distill_args, train_tiny_teacher
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -42,21 +42,7 @@ def trained(tmp_path_factory, world_root, tiny_teacher_weights):
 def recipe_args(trained, tmp_path: Path, *extra: str) -> list[str]:
     return [
         "demo/distill-student",
-        "name=d",
-        f"output_dir={tmp_path / 'runs'}",
-        f"teacher={trained['teacher']}",
-        f"cache={trained['cache']}",
-        f"student.model.pretrained={trained['student']}",
-        "student.adaptation=prompts",
-        "student.depth=2",
-        f"data.root={trained['world_root']}",
-        *[f"data.{kv}" for kv in TINY_WORLD],
-        f"shards_dir={tmp_path / 'shards'}",
-        "shard_maxcount=48",
-        "train.batch_size=16",
-        "train.epochs=2",
-        "train.log_every=1",
-        "train.shuffle_buffer=32",
+        *distill_args(trained, tmp_path, "d", adaptation="prompts"),
         "evaluate=false",
         f"teacher_outputs.path={tmp_path / 'outputs'}",
         f"teacher_outputs.views={VIEWS}",

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_WORLD, accelerate_launch, assert_dassl_lr_per_epoch, train_tiny_teacher
+from conftest import (
+    TINY_WORLD,
+    accelerate_launch,
+    assert_dassl_lr_per_epoch,
+    distill_args,
+    train_tiny_teacher,
+)
 from safetensors.torch import load_file
 
 from kdprompt.config.distill import DistillRecipe
@@ -25,26 +30,6 @@ pytestmark = pytest.mark.slow
 def trained(tmp_path_factory, world_root, tiny_teacher_weights):
     """A tiny PromptSRC teacher with its cache, and student weights standing in for a pre-trained student."""
     return train_tiny_teacher(tmp_path_factory.mktemp("distill"), world_root, tiny_teacher_weights)
-
-
-def distill_args(trained, tmp_path: Path, name: str, adaptation: str = "full") -> list[str]:
-    return [
-        f"name={name}",
-        f"output_dir={tmp_path / 'runs'}",
-        f"teacher={trained['teacher']}",
-        f"cache={trained['cache']}",
-        f"student.model.pretrained={trained['student']}",
-        f"student.adaptation={adaptation}",
-        "student.depth=2",
-        f"data.root={trained['world_root']}",
-        *[f"data.{kv}" for kv in TINY_WORLD],
-        f"shards_dir={tmp_path / 'shards'}",
-        "shard_maxcount=48",
-        "train.batch_size=16",
-        "train.epochs=2",
-        "train.log_every=1",
-        "train.shuffle_buffer=32",
-    ]
 
 
 @pytest.mark.parametrize("adaptation", ["prompts", "full", "projector"])
