@@ -9,11 +9,12 @@ part exists.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -94,54 +95,108 @@ class Placement:
 class _Encoder:
     """Views of decoded images -> the teacher's features, exactly as the online distill step computes them."""
 
-    def __init__(self, teacher: Any, view: Any, to_teacher: Any, place: Placement, batch_size: int) -> None:
-        self.teacher, self.view, self.to_teacher = teacher, view, to_teacher
-        self.place, self.batch_size = place, batch_size
+    def __init__(self, teacher: Any, to_teacher: Any, place: Placement) -> None:
+        self.teacher, self.to_teacher, self.place = teacher, to_teacher, place
 
     @torch.no_grad()
-    def encode(self, images: list[Tensor]) -> Tensor:
-        out = []
-        for i in range(0, len(images), self.batch_size):
-            batch = torch.stack(images[i : i + self.batch_size]).to(self.place.device)
-            with self.place.autocast():
-                out.append(self.teacher.encode_images(self.to_teacher(batch)).float().cpu())
-        return torch.cat(out) if out else torch.zeros(0, 0)
+    def encode(self, views: Tensor) -> Tensor:
+        """The teacher's features of a batch of the student's views (on the host, float32)."""
+        batch = views.to(self.place.device, non_blocking=True)
+        with self.place.autocast():
+            return self.teacher.encode_images(self.to_teacher(batch)).float().cpu()
+
+
+class _Sample(NamedTuple):
+    """One sample of a shard, decoded and cut into its V views (or skipped: undecodable).
+
+    A NamedTuple so that the loader's ``pin_memory`` pins its views.
+    """
+
+    key: str
+    size: tuple[int, int] = (0, 0)
+    params: tuple[list[int], ...] = ()
+    views: Tensor | None = None  # (V, 3, H, W), the student's views; None when skipped
+
+
+class _ShardViews(torch.utils.data.IterableDataset):
+    """The samples of one shard as :class:`_Sample`, decoded and cut in the loader's workers.
+
+    Worker w of n decodes samples w, w + n, ...; the DataLoader takes one from each worker in turn, so the
+    samples come back in shard order whatever the number of workers (a skipped sample is yielded too, to
+    keep the turns aligned).
+    """
+
+    def __init__(self, url: str, view: Any, views: int, seed: int) -> None:
+        self.url, self.view, self.views, self.seed = url, view, views, seed
+
+    def __iter__(self) -> Any:
+        from kdprompt.data.shard_format import DECODE_ERRORS
+        from kdprompt.data.shard_reader import decode_sample, shard_samples
+
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        shard = shard_name(self.url)
+        # shard_samples marks the sample a cut shard ends in, so it is skipped here as training skips it.
+        for i, sample in enumerate(shard_samples([self.url])):
+            if i % workers != worker:
+                continue
+            key = sample["__key__"]
+            try:
+                img, _, _ = decode_sample(sample)
+            except DECODE_ERRORS:
+                yield _Sample(key)  # the training stream skips it too
+                continue
+            drawn = [
+                self.view.sample(*img.size, view_seed(self.seed, shard, key, v)) for v in range(self.views)
+            ]
+            views = torch.stack([self.view.apply(img, p) for p in drawn])
+            yield _Sample(key, tuple(img.size), tuple(p.as_row() for p in drawn), views)
 
 
 def _shard_part(
-    url: str, encoder: _Encoder, cfg: Any, digest: str
+    url: str, encoder: _Encoder, view: Any, cfg: Any, workers: int, pin: bool, digest: str
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """The tensors and metadata of one shard's part."""
-    from kdprompt.data.shard_format import DECODE_ERRORS
-    from kdprompt.data.shard_reader import decode_sample, shard_samples
+    """The tensors and metadata of one shard's part.
 
-    shard = shard_name(url)
+    Images are decoded and cut in ``workers`` loader processes while the teacher encodes; views go to the teacher
+    ``cfg.batch_size`` at a time, so memory holds one batch of views, not the shard's.
+    """
     keys: list[str] = []
     skipped: list[str] = []
     params: list[list[list[int]]] = []
     sizes: list[list[int]] = []
-    views: list[Tensor] = []
-    # shard_samples marks the sample a cut shard ends in, so it is skipped here as training skips it.
-    for sample in shard_samples([url]):
-        key = sample["__key__"]
-        try:
-            img, _, _ = decode_sample(sample)
-        except DECODE_ERRORS:
-            skipped.append(key)  # the training stream skips it too
+    features: list[Tensor] = []
+    pending: list[Tensor] = []
+    waiting = 0
+    samples = torch.utils.data.DataLoader(
+        _ShardViews(url, view, cfg.views, cfg.seed),
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=pin,
+    )
+    for sample in samples:
+        if sample.views is None:
+            skipped.append(sample.key)
             continue
-        drawn = [encoder.view.sample(*img.size, view_seed(cfg.seed, shard, key, v)) for v in range(cfg.views)]
-        keys.append(key)
-        sizes.append(list(img.size))
-        params.append([p.as_row() for p in drawn])
-        views.extend(encoder.view.apply(img, p) for p in drawn)
-    features = encoder.encode(views)
-    dim = features.shape[-1] if len(keys) else 0
+        keys.append(sample.key)
+        sizes.append(list(sample.size))
+        params.append(sample.params)
+        pending.append(sample.views)
+        waiting += len(sample.views)
+        if waiting >= cfg.batch_size:
+            batch = torch.cat(pending)
+            features += [encoder.encode(chunk) for chunk in batch.split(cfg.batch_size)]
+            pending, waiting = [], 0
+    if pending:
+        features += [encoder.encode(chunk) for chunk in torch.cat(pending).split(cfg.batch_size)]
+    dim = features[0].shape[-1] if features else 0
+    stacked = torch.cat(features) if features else torch.zeros(0, dim)
     tensors = {
-        "features": features.reshape(len(keys), cfg.views, dim).to(DTYPES[cfg.dtype]).contiguous(),
+        "features": stacked.reshape(len(keys), cfg.views, dim).to(DTYPES[cfg.dtype]).contiguous(),
         "params": torch.tensor(params, dtype=torch.int32).reshape(len(keys), cfg.views, 5),
         "image_size": torch.tensor(sizes, dtype=torch.int32).reshape(len(keys), 2),
     }
-    return tensors, part_metadata(keys, skipped, shard, digest)
+    return tensors, part_metadata(keys, skipped, shard_name(url), digest)
 
 
 def precompute_teacher_outputs(recipe: Any) -> Path:
@@ -167,7 +222,13 @@ def precompute_teacher_outputs(recipe: Any) -> Path:
     return write_teacher_outputs(recipe, teacher, urls, Placement.of(accelerator))
 
 
-def write_teacher_outputs(recipe: Any, teacher: Any, urls: list[str], place: Placement) -> Path:
+PartCallback = Callable[[str, int, float], None]
+"""Called after each part this process writes, with its shard name, image-views encoded and seconds taken."""
+
+
+def write_teacher_outputs(
+    recipe: Any, teacher: Any, urls: list[str], place: Placement, on_part: PartCallback | None = None
+) -> Path:
     """Write the teacher outputs of ``teacher`` over the shards ``urls`` as ``recipe`` specifies them.
 
     The body of :func:`precompute_teacher_outputs` once the teacher is built (frozen, on
@@ -179,6 +240,8 @@ def write_teacher_outputs(recipe: Any, teacher: Any, urls: list[str], place: Pla
         teacher: the prompted teacher, with a ``fingerprint``.
         urls: the local shards (listed in a ``sizes.json``).
         place: this process's device, autocast and rank.
+        on_part: called after each part written (shard, image-views, seconds: decode, views cut, teacher,
+            part written), e.g. to time the precompute's steady rate apart from its one-off setup.
 
     Returns:
         ``recipe.teacher_outputs.path``, complete.
@@ -190,6 +253,7 @@ def write_teacher_outputs(recipe: Any, teacher: Any, urls: list[str], place: Pla
 
     from kdprompt.data.augment import ReplayableView, train_transform, view_converter
     from kdprompt.models.loading import create_clip
+    from kdprompt.train.runtime import resolve_pin_memory
 
     cfg = recipe.teacher_outputs
     root = Path(cfg.path)
@@ -215,24 +279,31 @@ def write_teacher_outputs(recipe: Any, teacher: Any, urls: list[str], place: Pla
     place.barrier()
     if main and (existing is None or existing["spec_digest"] != digest or not existing["complete"]):
         write_manifest(root, spec, info, None)
-    encoder = _Encoder(
-        teacher,
-        ReplayableView(recipe.augmentation, student_pre),
-        view_converter(
-            train_transform(recipe.augmentation, student_pre),
-            train_transform(recipe.augmentation, teacher_pre),
-        ),
-        place,
-        cfg.batch_size,
+    view = ReplayableView(recipe.augmentation, student_pre)
+    to_teacher = view_converter(
+        train_transform(recipe.augmentation, student_pre), train_transform(recipe.augmentation, teacher_pre)
     )
+    encoder = _Encoder(teacher, to_teacher, place)
+    # Decoding and cutting V views runs in the recipe's loader workers, beside the teacher (as in training).
+    workers = recipe.train.num_workers
+    pin = resolve_pin_memory(recipe.train.pin_memory) and place.device.type == "cuda"
     mine = urls[rank::world]
-    for url in tqdm(mine, desc=f"teacher outputs (rank {rank})", unit="shard", disable=not main):
+    bar = tqdm(mine, desc=f"teacher outputs (rank {rank})", unit="shard", disable=not main)
+    done_views, done_seconds = 0, 0.0
+    for url in bar:
         file = part_file(root, shard_name(url))
         if _reusable(file, digest, recorded.get(shard_name(url))):
             continue
-        tensors, metadata = _shard_part(url, encoder, cfg, digest)
+        start = time.perf_counter()
+        tensors, metadata = _shard_part(url, encoder, view, cfg, workers, pin, digest)
         atomic_write(file, lambda p, t=tensors, m=metadata: save_file(t, str(p), metadata=m))
+        seconds = time.perf_counter() - start
         crash_point("teacher_outputs.part_written")
+        views = int(tensors["features"].shape[0]) * cfg.views
+        done_views, done_seconds = done_views + views, done_seconds + seconds
+        bar.set_postfix_str(f"{done_views / max(done_seconds, 1e-9):.1f} image-views/s")
+        if on_part is not None:
+            on_part(shard_name(url), views, seconds)
     place.barrier()
     if main:
         _finish(root, spec, info, urls, cfg.views)

@@ -254,3 +254,36 @@ def test_two_processes_write_disjoint_parts_equal_to_one_process(trained, output
         a, b = load_file(part_file(outputs / "outputs", shard)), load_file(part_file(root, shard))
         assert torch.equal(a["params"], b["params"]) and torch.equal(a["image_size"], b["image_size"])
         torch.testing.assert_close(a["features"], b["features"], rtol=0, atol=1e-6)
+
+
+def test_loader_workers_write_the_parts_one_process_writes(trained, outputs, cli_module, tmp_path):
+    """Decoding in 2 loader workers (train.num_workers) keeps shard order and every stored value."""
+    root = tmp_path / "workers"
+    args = recipe_args(trained, outputs, f"teacher_outputs.path={root}", "train.num_workers=2")
+    result = cli_module("teacher-outputs", *args)
+    assert result.exit_code == 0, result.output
+    one = json.loads((outputs / "outputs" / "manifest.json").read_text())
+    for shard in one["parts"]:
+        a, b = load_file(part_file(outputs / "outputs", shard)), load_file(part_file(root, shard))
+        assert torch.equal(a["params"], b["params"]) and torch.equal(a["image_size"], b["image_size"])
+        torch.testing.assert_close(a["features"], b["features"], rtol=0, atol=1e-6)
+        with safe_open(str(part_file(root, shard)), framework="pt") as handle:
+            keys_b = read_part_metadata(handle.metadata())["keys"]
+        with safe_open(str(part_file(outputs / "outputs", shard)), framework="pt") as handle:
+            keys_a = read_part_metadata(handle.metadata())["keys"]
+        assert keys_a == keys_b and len(keys_a) > 2
+
+
+def test_views_are_encoded_a_batch_at_a_time(trained, outputs, cli_module, tmp_path, monkeypatch):
+    """The teacher sees at most teacher_outputs.batch_size views per forward (a shard's views are not held)."""
+    from kdprompt.teacher_outputs import precompute
+
+    seen: list[int] = []
+    encode = precompute._Encoder.encode
+    monkeypatch.setattr(precompute._Encoder, "encode", lambda self, v: seen.append(len(v)) or encode(self, v))
+    root = tmp_path / "batched"
+    args = recipe_args(trained, outputs, f"teacher_outputs.path={root}", "teacher_outputs.batch_size=4")
+    result = cli_module("teacher-outputs", *args)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert max(seen) == 4 and sum(seen) == manifest["stats"]["images"] * VIEWS
