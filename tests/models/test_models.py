@@ -108,6 +108,50 @@ def test_prompts_change_output_and_get_gradients(models):
     assert vision(images, hook=AppendPrompts([batched, None, batched])).shape == img.shape
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_trainable_blocks_run_a_faster_attention_with_equal_outputs_and_gradients(
+    models, monkeypatch, checkpointing
+):
+    """With gradients, plain blocks take towers._block_forward (contiguous in-projection): the same
+    features and the same prompt gradients as open_clip's own block, vision and (causal) text alike."""
+    from kdprompt.models import towers
+
+    loaded = models["ViT-B-32"]
+    vision, text = PromptedVisionTower(loaded.model), PromptedTextTower(loaded.model)
+    assert all(towers._plain_block(b, None) for b in loaded.model.visual.transformer.resblocks)
+    mask = torch.full((4, 4), float("-inf")).triu_(1)
+    assert towers._plain_block(loaded.model.transformer.resblocks[0], mask)
+    assert not towers._plain_block(loaded.model.transformer.resblocks[0], mask < 0)  # bool: open_clip's path
+    images, tokens = _images(loaded), loaded.tokenizer(["X X a photo of a cat.", "X X a dog."])
+    loaded.model.visual.transformer.grad_checkpointing = checkpointing
+    used = []
+    fast = towers._block_forward
+    monkeypatch.setattr(towers, "_block_forward", lambda *a: used.append(1) or fast(*a))
+
+    def run():
+        vp = [torch.randn(2, vision.width, generator=torch.Generator().manual_seed(d)) for d in range(3)]
+        tp = [torch.randn(2, text.width, generator=torch.Generator().manual_seed(9 + d)) for d in range(2)]
+        for p in vp + tp:
+            p.requires_grad_(True)
+        img, txt = vision(images, hook=AppendPrompts(vp)), text(tokens, hook=ReplacePrompts(tp))
+        (img.square().sum() + txt.square().sum()).backward()
+        return img.detach(), txt.detach(), [p.grad for p in vp + tp]
+
+    try:
+        img, txt, grads = run()
+        blocks = len(vision.visual.transformer.resblocks)
+        # Checkpointed vision blocks run their forward again in the backward.
+        assert len(used) == blocks * (2 if checkpointing else 1) + len(loaded.model.transformer.resblocks)
+        monkeypatch.setattr(towers, "_plain_block", lambda *a: False)
+        ref_img, ref_txt, ref_grads = run()
+    finally:
+        loaded.model.visual.transformer.grad_checkpointing = False
+    torch.testing.assert_close(img, ref_img, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(txt, ref_txt, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
 def test_context_prompts_reproduce_the_template(models):
     """Prompts equal to the embeddings of "a photo of a" reproduce encode_text (PromptSRC's init)."""
     loaded = models["kd-tiny-teacher"]
