@@ -105,12 +105,13 @@ def shards(
 @click.option(
     "--index",
     # kdprompt.text_features.ranking.INDEX_KINDS, spelled out so that `--help` does not import faiss.
-    type=click.Choice(("auto", "flat", "ivf")),
+    type=click.Choice(("auto", "flat", "ivf", "hnsw")),
     default="auto",
     show_default=True,
-    help="The FAISS index: flat (exact), ivf (approximate; nprobe tuned to 95% recall@1, the measured "
-    "recall recorded in the manifest) or auto (exact below 100,000 classes; from there IVF when it measures faster than exact at 95% recall). See "
-    "docs/VOCABULARY.md.",
+    help="The FAISS index: flat (exact); hnsw or ivf (approximate; efSearch or nprobe tuned to 95% "
+    "recall@1, the measured recall recorded in the manifest); auto (exact below 100,000 classes; from "
+    "there HNSW when it reaches 95% recall@1 and searches at least 2x faster than exact, else exact, "
+    "saying why). See docs/VOCABULARY.md.",
 )
 @user_errors
 def cache(

@@ -215,8 +215,8 @@ def export_bundle(
         opset: ONNX opset version.
         cache_dir: ship this text-feature cache instead of the one the student trained with: another
             class list of the same teacher (``kdprompt cache TEACHER --classes FILE``).
-        index: the shipped cache's FAISS index: ``auto`` (the cache's own), ``flat`` or ``ivf`` (rebuilt
-            when the cache's is another kind; see :func:`kdprompt.text_features.store.copy_cache`).
+        index: the shipped cache's FAISS index: ``auto`` (the cache's own), ``flat``, ``hnsw`` or ``ivf``
+            (rebuilt when the cache's is another kind; see :func:`kdprompt.text_features.store.copy_cache`).
 
     Returns:
         The bundle's manifest.

@@ -206,7 +206,7 @@ def export_clip_bundle(
         overwrite: replace ``out`` when it is a bundle (nothing else is ever replaced).
         opset: ONNX opset version.
         cache_dir: refused: a teacher's cache does not fit a CLIP run (it is here to say so).
-        index: the cache's FAISS index, ``auto``, ``flat`` or ``ivf`` (see ``build_cache``).
+        index: the cache's FAISS index, ``auto``, ``flat``, ``hnsw`` or ``ivf`` (see ``build_cache``).
 
     Returns:
         The bundle's manifest.

@@ -14,6 +14,7 @@ import torch
 
 from kdprompt.data.classnames import SHOW_NAMES, listing
 from kdprompt.errors import KdpromptError
+from kdprompt.text_features.ranking import MIN_APPROX_SPEEDUP, RECALL_TARGET
 from kdprompt.version import __version__
 
 FORMAT_VERSION = 1
@@ -115,43 +116,77 @@ def make_manifest(
 def index_entry(manifest: dict[str, Any]) -> dict[str, Any]:
     """The manifest's description of ``index.faiss`` (a copy); a cache without one has a flat index.
 
-    ``{"kind": "flat"}``, or ``{"kind": "ivf", "nlist", "nprobe", "recall@1", "recall@5",
-    "recall_queries"}`` with the recall measured against exact search when the index was built.
+    ``{"kind": "flat"}`` (with ``hnsw_rejected`` when ``auto`` tried HNSW and kept exact search, or
+    ``ivf_rejected`` from kdprompt versions whose ``auto`` tried IVF), ``{"kind": "hnsw", "m",
+    "ef_construction", "ef_search", "recall@1", "recall@5", "recall_queries", "speedup"}`` or
+    ``{"kind": "ivf", "nlist", "nprobe", "recall@1", "recall@5", "recall_queries"}``, with the recall
+    measured against exact search when the index was built (and HNSW's search speed relative to it).
     """
     return dict(manifest.get(INDEX_KEY) or FLAT_ENTRY)
 
 
 def describe_index(entry: dict[str, Any] | None) -> str:
-    """One line on an index entry for users: ``flat (exact)`` or the IVF figures."""
+    """One line on an index entry for users: ``flat (exact search)`` and why, or the approximate figures."""
     entry = entry or FLAT_ENTRY
-    if entry.get("kind") != "ivf":
-        rejected = entry.get("ivf_rejected")
-        if isinstance(rejected, dict) and {"nprobe", "nlist"} <= set(rejected):
-            return (
-                f"flat (exact search; an IVF index would have needed {rejected['nprobe']} of its "
-                f"{rejected['nlist']} lists per query for the recall target, no faster than exact)"
-            )
-        return "flat (exact search)"
+    kind = entry.get("kind")
+    if kind == "hnsw":
+        speedup = entry.get("speedup")
+        speed = f", {speedup:.1f}x as fast as exact search" if _is_number(speedup) else ""
+        return f"hnsw (approximate: M {entry['m']}, efSearch {entry['ef_search']}, {_recall(entry)}{speed})"
+    if kind == "ivf":
+        return f"ivf (approximate: {entry['nlist']} lists, nprobe {entry['nprobe']}, {_recall(entry)})"
+    return f"flat (exact search{_why_exact(entry)})"
+
+
+def _recall(entry: dict[str, Any]) -> str:
     return (
-        f"ivf (approximate: {entry['nlist']} lists, nprobe {entry['nprobe']}, recall@1 "
-        f"{entry['recall@1']:.3f} and recall@5 {entry['recall@5']:.3f} against exact search on "
-        f"{entry['recall_queries']} queries)"
+        f"recall@1 {entry['recall@1']:.3f} and recall@5 {entry['recall@5']:.3f} against exact search on "
+        f"{entry['recall_queries']} queries"
     )
 
 
+def _why_exact(entry: dict[str, Any]) -> str:
+    """Why ``auto`` kept exact search, from the rejected approximate index's figures ('' if none)."""
+    hnsw = entry.get("hnsw_rejected")
+    if isinstance(hnsw, dict) and {"ef_search", "recall@1", "speedup"} <= set(hnsw):
+        tried = f"; HNSW at efSearch {hnsw['ef_search']} "
+        if hnsw["recall@1"] < RECALL_TARGET:
+            return tried + f"reached only recall@1 {hnsw['recall@1']:.3f}, short of {RECALL_TARGET:.2f}"
+        if hnsw["speedup"] < MIN_APPROX_SPEEDUP:
+            return tried + f"searched only {hnsw['speedup']:.2f}x as fast, short of {MIN_APPROX_SPEEDUP:g}x"
+        return tried + "was not kept"
+    ivf = entry.get("ivf_rejected")
+    if isinstance(ivf, dict) and {"nprobe", "nlist"} <= set(ivf):
+        return (
+            f"; an IVF index would have needed {ivf['nprobe']} of its {ivf['nlist']} lists per query for "
+            "the recall target, no faster than exact"
+        )
+    return ""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _index_fits(entry: Any) -> bool:
-    """Absent (an older cache: flat), ``{kind: flat}``, or an IVF entry with 1 <= nprobe <= nlist."""
+    """Absent (older caches: flat), ``{kind: flat}``, IVF with 1 <= nprobe <= nlist, HNSW with m, efs >= 1."""
     if entry is None:
         return True
     if not isinstance(entry, dict):
         return False
-    if entry.get("kind") == "flat":
+    kind = entry.get("kind")
+    if kind == "flat":
         return True
-    sizes = [entry.get(k) for k in ("nlist", "nprobe")]
+    if kind == "hnsw":
+        return all(_is_count(entry.get(k)) for k in ("m", "ef_construction", "ef_search"))
     return (
-        entry.get("kind") == "ivf"
-        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in sizes)
-        and sizes[1] <= sizes[0]
+        kind == "ivf"
+        and all(_is_count(entry.get(k)) for k in ("nlist", "nprobe"))
+        and entry["nprobe"] <= entry["nlist"]
     )
 
 

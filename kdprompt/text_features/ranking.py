@@ -1,23 +1,26 @@
 """Top-k over a class vocabulary through FAISS: which index to build, how to search it, honest probabilities.
 
 A vocabulary is a matrix of unit-length class features. Ranking goes through a FAISS index: exact
-(``IndexFlatIP``, the same inner products as a matrix product) by default, or an inverted-file index
-(``IndexIVFFlat``) for vocabularies past :data:`APPROX_MIN_CLASSES`, whose ``nprobe`` is tuned at build
-time to a recall target measured against the exact index (the figures go into the cache manifest).
+(``IndexFlatIP``, the same inner products as a matrix product) by default, or an approximate one for
+vocabularies past :data:`APPROX_MIN_CLASSES`: a graph (``IndexHNSWFlat``, what ``auto`` tries) or an
+inverted-file index (``IndexIVFFlat``, only when asked). Its search breadth (``efSearch``, ``nprobe``) is
+tuned at build time to a recall target measured against exact search (the figures go into the cache
+manifest).
 
 Probabilities: up to :data:`FULL_SOFTMAX_MAX_CLASSES` classes every class is scored and the softmax is
 the usual one over the whole vocabulary. Past it only the top :data:`CANDIDATES` retrieved classes are
 scored and the softmax runs over them (``probabilities: "candidates"``): each is then a probability
-among the retrieved candidates, an upper bound of its full-vocabulary probability. An IVF index scores
-only the classes of the lists it probes, so a small vocabulary behind one is ``candidates`` too unless
-every class was reached.
+among the retrieved candidates, an upper bound of its full-vocabulary probability. An approximate index
+scores only the classes it reaches (the lists an IVF index probes, the graph nodes an HNSW search
+visits), so a small vocabulary behind one is ``candidates`` too unless every class was reached.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import faiss
@@ -26,16 +29,20 @@ import torch
 
 from kdprompt.errors import KdpromptError
 
-IndexKind = Literal["flat", "ivf"]
-INDEX_KINDS: tuple[str, ...] = ("auto", "flat", "ivf")
+IndexKind = Literal["flat", "ivf", "hnsw"]
+INDEX_KINDS: tuple[str, ...] = ("auto", "flat", "ivf", "hnsw")
 
-# From `kdprompt bench vocab` (docs/VOCABULARY.md): IVF first beats the exact search at 100,000 classes of
-# a structured vocabulary (1.7x); below, exact is as fast and costs no recall. `auto` tries IVF from here
-# and keeps it only where it probes few enough lists (text_features.index.MAX_PROBED_FRACTION).
+# From `kdprompt bench vocab` (docs/VOCABULARY.md): an approximate index first beats the exact search at
+# 100,000 classes of a structured vocabulary; below, exact is as fast and costs no recall. `auto` tries
+# HNSW from here and keeps it only where it measures faster than exact at the recall target
+# (text_features.index.planned_index).
 APPROX_MIN_CLASSES = 100_000
 FULL_SOFTMAX_MAX_CLASSES = 10_000
 CANDIDATES = 100
 RECALL_TARGET = 0.95
+# `auto` keeps an approximate index only when it also searches at least this much faster than exact search:
+# a smaller gain is within what another machine or load can swing, and it still costs recall.
+MIN_APPROX_SPEEDUP = 2.0
 RECALL_QUERIES = 256
 EXACT_CHUNK = 65536  # classes scored per matrix product by the exact search (bounds its memory)
 # FAISS 1.15 computes inner products with BLAS only from 128,000 queries at once, and one query vector at
@@ -44,6 +51,17 @@ faiss.cvar.distance_compute_blas_threshold = 20
 QUERY_COSINE = 0.3  # CLIP's typical image-text cosine: recall is measured on queries this close to a class
 # A GPU index returns at most this many neighbours (and probes at most this many lists) per query.
 GPU_MAX_K = 2048
+# HNSW graph: 32 links per node (64 on the base layer: 256 bytes a class beside a 128-d vector's 512) and
+# a construction beam of 40 (FAISS's default). Measured on a clustered 100k x 128 vocabulary: 0.94 recall@1
+# at efSearch 512, ~0.9 ms a query, built in 4 s on 2 threads.
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 40
+# efSearch (the search beam) is tuned over powers of two from FAISS's default, 16, to 4096. FAISS 1.15
+# does not widen the beam to k: asked for 100 classes at efSearch 16 it returns ~95, with efSearch 16's
+# recall, so the tuned value is what serving gets. A query computes up to about efSearch x 2M inner
+# products: at 4096 that is 262,144, more than an exact search of 100,000 classes does.
+EF_SEARCH_MIN = 16
+EF_SEARCH_MAX = 4096
 
 
 @dataclass(frozen=True)
@@ -51,22 +69,38 @@ class IndexPlan:
     """What index to build for a vocabulary.
 
     Attributes:
-        kind: ``flat`` (exact) or ``ivf`` (inverted lists, approximate).
+        kind: ``flat`` (exact), ``ivf`` (inverted lists) or ``hnsw`` (a graph; both approximate).
         nlist: inverted lists (``ivf`` only).
         nprobe: lists searched per query (``ivf`` only; tuned at build time).
+        m: links per graph node (``hnsw`` only; twice as many on the base layer).
+        ef_construction: candidates kept while linking a node (``hnsw`` only).
+        ef_search: candidates kept per query (``hnsw`` only; tuned at build time).
     """
 
     kind: IndexKind
     nlist: int = 0
     nprobe: int = 0
+    m: int = 0
+    ef_construction: int = 0
+    ef_search: int = 0
 
     def to_manifest(self) -> dict[str, Any]:
-        """The plan as the manifest records it."""
-        return asdict(self)
+        """The plan as the manifest records it: the kind and only the fields that apply to it."""
+        return {"kind": self.kind, **{name: getattr(self, name) for name in PLAN_FIELDS[self.kind]}}
+
+
+PLAN_FIELDS: dict[str, tuple[str, ...]] = {
+    "flat": (),
+    "ivf": ("nlist", "nprobe"),
+    "hnsw": ("m", "ef_construction", "ef_search"),
+}
 
 
 def plan_index(num_classes: int, kind: str = "auto") -> IndexPlan:
-    """The index for ``num_classes`` classes: ``auto`` is exact up to :data:`APPROX_MIN_CLASSES`.
+    """The index for ``num_classes`` classes: ``auto`` is exact below :data:`APPROX_MIN_CLASSES`, else HNSW.
+
+    ``auto``'s HNSW is a candidate: :func:`kdprompt.text_features.index.planned_index` keeps it only where
+    it measures faster than exact search at the recall target. IVF is built only when asked for.
 
     Raises:
         KdpromptError: an unknown kind.
@@ -75,6 +109,8 @@ def plan_index(num_classes: int, kind: str = "auto") -> IndexPlan:
         raise KdpromptError(f"unknown index kind {kind!r}; use one of {', '.join(INDEX_KINDS)}")
     if kind == "flat" or (kind == "auto" and num_classes < APPROX_MIN_CLASSES):
         return IndexPlan("flat")
+    if kind in ("auto", "hnsw"):
+        return IndexPlan("hnsw", m=HNSW_M, ef_construction=HNSW_EF_CONSTRUCTION, ef_search=EF_SEARCH_MIN)
     # ~4 sqrt(N) lists (FAISS's guideline): short lists, so few vectors are scanned per probe; at least 1,
     # at most N / 39 (FAISS wants >= 39 training points per centroid).
     nlist = max(1, min(4 * int(math.sqrt(num_classes)), num_classes // 39))
@@ -94,6 +130,12 @@ def build_index(features: torch.Tensor | np.ndarray, plan: IndexPlan, seed: int 
     if plan.kind == "flat":
         index = faiss.IndexFlatIP(dim)
         index.add(vectors)
+        return index
+    if plan.kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, plan.m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = plan.ef_construction
+        index.add(vectors)
+        index.hnsw.efSearch = max(1, plan.ef_search)
         return index
     quantizer = faiss.IndexFlatIP(dim)
     index = faiss.IndexIVFFlat(quantizer, dim, plan.nlist, faiss.METRIC_INNER_PRODUCT)
@@ -128,26 +170,66 @@ def recall_at(found: np.ndarray, exact: np.ndarray, k: int) -> float:
 def tune_nprobe(
     index: Any, features: torch.Tensor | np.ndarray, target: float = RECALL_TARGET
 ) -> dict[str, Any]:
-    """Set the smallest power-of-two ``nprobe`` whose recall@1 reaches ``target``; return the figures.
+    """Set an IVF index's smallest power-of-two ``nprobe`` reaching ``target`` recall@1; see :func:`tune`."""
+    ivf = faiss.extract_index_ivf(index)
+    return _tune(
+        index, features, target, "nprobe", _doublings(1, ivf.nlist), lambda n: setattr(ivf, "nprobe", n)
+    )
 
-    Recall is measured against an exact search on :func:`probe_queries`; the result (nprobe, recall@1,
-    recall@5, the number of queries) belongs in the manifest, so users see what the index trades.
+
+def tune_ef_search(
+    index: Any, features: torch.Tensor | np.ndarray, target: float = RECALL_TARGET
+) -> dict[str, Any]:
+    """Set an HNSW index's smallest power-of-two ``efSearch`` reaching ``target`` recall@1; see :func:`tune`.
+
+    Tried from :data:`EF_SEARCH_MIN` to :data:`EF_SEARCH_MAX`: ``efSearch`` ends at the cap when no value
+    reaches the target.
     """
+    hnsw = faiss.downcast_index(index).hnsw
+    values = _doublings(EF_SEARCH_MIN, EF_SEARCH_MAX)
+    return _tune(index, features, target, "ef_search", values, lambda ef: setattr(hnsw, "efSearch", ef))
+
+
+def tune(index: Any, features: torch.Tensor | np.ndarray, target: float = RECALL_TARGET) -> dict[str, Any]:
+    """Tune an approximate index's search breadth to ``target`` recall@1; return the manifest's figures.
+
+    The breadth (IVF ``nprobe``, HNSW ``efSearch``) grows in powers of two until recall@1 against exact
+    search on :func:`probe_queries` reaches ``target``, or it reaches its cap. The figures (the breadth,
+    recall@1, recall@5, the number of queries) belong in the manifest, so users see what the index trades.
+    """
+    if isinstance(faiss.downcast_index(index), faiss.IndexHNSW):
+        return tune_ef_search(index, features, target)
+    return tune_nprobe(index, features, target)
+
+
+def _doublings(start: int, cap: int) -> Iterator[int]:
+    """``start``, twice that, ... while below ``cap``, then ``cap`` itself."""
+    value = start
+    while value < cap:
+        yield value
+        value *= 2
+    yield cap
+
+
+def _tune(
+    index: Any,
+    features: torch.Tensor | np.ndarray,
+    target: float,
+    knob: str,
+    values: Iterator[int],
+    apply: Callable[[int], None],
+) -> dict[str, Any]:
+    """Apply each of ``values`` in turn until recall@1 reaches ``target``; the figures of the last one."""
     vectors = _as_numpy(features)
     queries = probe_queries(vectors, RECALL_QUERIES)
-    exact = faiss.IndexFlatIP(vectors.shape[1])
-    exact.add(vectors)
-    _, truth = exact.search(queries, 5)
-    ivf = faiss.extract_index_ivf(index)
-    nprobe = 1
-    while True:
-        ivf.nprobe = nprobe
+    _, truth = exact_search(vectors, queries, 5)
+    for value in values:
+        apply(value)
         _, found = index.search(queries, 5)
         r1, r5 = recall_at(found, truth, 1), recall_at(found, truth, 5)
-        if r1 >= target or nprobe >= ivf.nlist:
+        if r1 >= target:
             break
-        nprobe = min(ivf.nlist, nprobe * 2)
-    return {"nprobe": nprobe, "recall@1": r1, "recall@5": r5, "recall_queries": len(queries)}
+    return {knob: value, "recall@1": r1, "recall@5": r5, "recall_queries": len(queries)}
 
 
 @dataclass
@@ -181,7 +263,7 @@ def rank(index: Any, queries: torch.Tensor | np.ndarray, k: int, logit_scale: fl
     total = index.ntotal
     k = max(1, min(k, total))
     full = total <= FULL_SOFTMAX_MAX_CLASSES
-    wanted = total if full else max(k, min(CANDIDATES, total))
+    wanted = searched_k(total, k)
     if wanted > GPU_MAX_K and _on_gpu(index):
         raise KdpromptError(
             f"a GPU FAISS index returns at most {GPU_MAX_K} classes per image, {wanted} were asked for; "
@@ -198,34 +280,44 @@ def rank(index: Any, queries: torch.Tensor | np.ndarray, k: int, logit_scale: fl
         ids=ids[:, :k],
         scores=scores[:, :k],
         probs=probs[:, :k].astype(np.float32),
-        # Full only when every class was scored: an IVF index leaves out the lists it did not probe.
+        # Full only when every class was scored: an approximate index leaves out the classes it did not reach.
         probabilities="full" if full and bool((ids >= 0).all()) else "candidates",
     )
+
+
+def searched_k(total: int, k: int) -> int:
+    """How many classes :func:`rank` searches for to return ``k`` of ``total``: all for a full softmax."""
+    k = max(1, min(k, total))
+    return total if total <= FULL_SOFTMAX_MAX_CLASSES else max(k, min(CANDIDATES, total))
 
 
 def search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """``(scores, ids)`` of the top ``k`` classes: chunked matrix products for a CPU flat index, else FAISS."""
     x = _as_numpy(queries)
-    return _exact_search(index, x, k) if _is_cpu_flat(index) else index.search(x, k)
+    return exact_search(_flat_vectors(index), x, k) if _is_cpu_flat(index) else index.search(x, k)
 
 
 def _is_cpu_flat(index: Any) -> bool:
     return not _on_gpu(index) and isinstance(faiss.downcast_index(index), faiss.IndexFlat)
 
 
-def _exact_search(index: Any, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``index.search`` of a CPU flat index, as chunked matrix products + top-k over its own vectors.
+def _flat_vectors(index: Any) -> np.ndarray:
+    """A CPU flat index's vectors, read in place (``get_xb``), not copied."""
+    flat = faiss.downcast_index(index)
+    return faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
+
+
+def exact_search(vectors: np.ndarray, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top ``k`` of ``x @ vectors.T`` per query, as chunked matrix products + top-k: exact search.
 
     The same inner products and ranking as ``IndexFlatIP.search``, 3-10x faster for batches on CPU
     (`kdprompt bench vocab`): torch's BLAS outruns the one bundled with faiss-cpu, and memory stays at
-    one chunk of scores. The vectors are read in place (``get_xb``), not copied.
+    one chunk of scores.
     """
-    flat = faiss.downcast_index(index)
-    vectors = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
-    queries = torch.from_numpy(x)
+    queries = torch.from_numpy(_as_numpy(x))
     best_scores = torch.empty(len(x), 0)
     best_ids = torch.empty(len(x), 0, dtype=torch.long)
-    for start in range(0, flat.ntotal, EXACT_CHUNK):
+    for start in range(0, len(vectors), EXACT_CHUNK):
         scores = queries @ torch.from_numpy(vectors[start : start + EXACT_CHUNK]).T
         top_scores, top_ids = scores.topk(min(k, scores.shape[1]), dim=1)
         merged = torch.cat([best_scores, top_scores], dim=1)
@@ -235,12 +327,25 @@ def _exact_search(index: Any, x: np.ndarray, k: int) -> tuple[np.ndarray, np.nda
     return best_scores.numpy(), best_ids.numpy()
 
 
-def time_search(index: Any, queries: np.ndarray, k: int, repeats: int = 3) -> float:
-    """Best wall-clock seconds of one ``index.search(queries, k)`` over ``repeats``."""
+def time_search(
+    index: Any,
+    queries: np.ndarray,
+    k: int,
+    repeats: int = 3,
+    searcher: Callable[[Any, np.ndarray, int], Any] | None = None,
+) -> float:
+    """Best wall-clock seconds of one search of ``queries`` for ``k`` over ``repeats``.
+
+    ``searcher(index, queries, k)`` searches; default FAISS's own ``index.search`` (pass :func:`search`
+    to time the path :func:`rank` takes: for a CPU flat index, :func:`exact_search`).
+    """
     best = math.inf
     for _ in range(repeats):
         start = time.perf_counter()
-        index.search(queries, k)
+        if searcher is None:
+            index.search(queries, k)
+        else:
+            searcher(index, queries, k)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -254,11 +359,12 @@ def fits_gpu(index: Any) -> bool:
 
     A full softmax searches every class, so a vocabulary between :data:`GPU_MAX_K` and
     :data:`FULL_SOFTMAX_MAX_CLASSES` classes stays on the CPU, as does an IVF index probing too many lists.
+    An HNSW index always does: faiss-gpu has no HNSW index to copy it to.
     """
-    total = index.ntotal
-    searched = total if total <= FULL_SOFTMAX_MAX_CLASSES else min(CANDIDATES, total)
+    if isinstance(faiss.downcast_index(index), faiss.IndexHNSW):
+        return False
     ivf = faiss.try_extract_index_ivf(index)
-    return searched <= GPU_MAX_K and (ivf is None or ivf.nprobe <= GPU_MAX_K)
+    return searched_k(index.ntotal, 1) <= GPU_MAX_K and (ivf is None or ivf.nprobe <= GPU_MAX_K)
 
 
 def index_to_device(index: Any, device: torch.device | str) -> Any:

@@ -5,12 +5,14 @@ A cache is a directory::
     text_features.safetensors   one tensor "text_features" (C x D, rows L2-normalised); its metadata
                                 carries the manifest as a JSON string under "manifest"
     index.faiss                 a FAISS inner-product index over the float32 features: exact
-                                (IndexFlatIP) by default, IVF (IndexIVFFlat) for large vocabularies
-                                or when asked (see kdprompt.text_features.ranking)
+                                (IndexFlatIP) by default, HNSW (IndexHNSWFlat) for large vocabularies
+                                where it measures faster, or HNSW or IVF (IndexIVFFlat) when asked
+                                (see kdprompt.text_features.ranking)
     manifest.json               format version, teacher fingerprint, class names and their sha256,
                                 embed dim, logit scale, dtype, features sha256, provenance, the
-                                index (kind; for IVF nlist, nprobe and the recall measured at build
-                                time), and (optional) the exact prompt text encoded for each class
+                                index (kind; for HNSW m, efSearch, for IVF nlist, nprobe, and the
+                                recall measured at build time), and (optional) the exact prompt text
+                                encoded for each class
 
 Loading needs only torch, safetensors, faiss and json: no teacher, no model code. A cache built for a
 different teacher or class list, or edited after it was built, is refused with a message that says
@@ -108,8 +110,8 @@ class TextCache:
     def index(self) -> Any:
         """The FAISS index over the features, read on first use.
 
-        ``index.faiss`` as the manifest describes it (flat, or IVF with its ``nprobe``); for an
-        in-memory cache, an exact index built here.
+        ``index.faiss`` as the manifest describes it (flat, HNSW with its ``efSearch`` or IVF with its
+        ``nprobe``); for an in-memory cache, an exact index built here.
         """
         if self._index is None:
             if self.path is not None:
@@ -144,8 +146,8 @@ class TextCache:
 
         Returns:
             ``(scores, indices)``: N x k float32 cosine similarities, best first, and int64 class indices.
-            Through an IVF index they are approximate (see the manifest's ``index`` recall), and a query
-            may get fewer than ``k`` classes: the rest have index -1.
+            Through an HNSW or IVF index they are approximate (see the manifest's ``index`` recall), and a
+            query may get fewer than ``k`` classes: the rest have index -1.
         """
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
@@ -237,8 +239,11 @@ def build_cache(
         prompts: the exact text encoded for each class, in row order (recorded in the manifest).
         overwrite: replace a cache already at ``out_dir`` (False: refuse it).
         index: the FAISS index to build: ``auto`` (exact below
-            :data:`~kdprompt.text_features.ranking.APPROX_MIN_CLASSES` classes, IVF from there), ``flat``
-            or ``ivf`` (its ``nprobe`` tuned to a recall target, the figures recorded in the manifest).
+            :data:`~kdprompt.text_features.ranking.APPROX_MIN_CLASSES` classes; from there HNSW if it
+            reaches the recall target and searches at least
+            :data:`~kdprompt.text_features.ranking.MIN_APPROX_SPEEDUP` times faster than exact, else
+            exact), ``flat``, ``hnsw`` or ``ivf`` (``efSearch`` or ``nprobe`` tuned to a recall target,
+            the figures recorded in the manifest).
 
     Returns:
         The cache, as ``load_cache`` would return it.
@@ -330,9 +335,10 @@ def _manifest_json(manifest: dict[str, Any]) -> str:
 def copy_cache(cache: TextCache, out_dir: Path, index: str = "auto") -> TextCache:
     """Write the on-disk ``cache`` to the new directory ``out_dir`` with the index ``index`` asks for.
 
-    ``flat`` or ``ivf``: the cache's own index when it is that kind, else a new one (the features and
-    their hashes are unchanged; the manifest records the new index). ``auto``: the index the cache was
-    built with; a cache from before kdprompt recorded its index gets the one ``auto`` plans for its size.
+    ``flat``, ``hnsw`` or ``ivf``: the cache's own index when it is that kind, else a new one (the
+    features and their hashes are unchanged; the manifest records the new index). ``auto``: the index the
+    cache was built with; a cache from before kdprompt recorded its index gets the one ``auto`` plans for
+    its size.
 
     Raises:
         KdpromptError: an unknown index kind, or an in-memory cache.

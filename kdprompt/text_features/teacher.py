@@ -36,7 +36,7 @@ def cache_class_features(
         teacher_fingerprint: the teacher's fingerprint; default ``model.fingerprint`` (a loaded teacher
             has one, a freshly trained one gets it from ``save_teacher``).
         overwrite: replace a cache already at ``out_dir`` (False: refuse it).
-        index: the FAISS index to build (``auto``, ``flat``, ``ivf``; see :func:`build_cache`).
+        index: the FAISS index to build (``auto``, ``flat``, ``hnsw``, ``ivf``; see :func:`build_cache`).
 
     Returns:
         The cache written.
@@ -74,7 +74,7 @@ def write_cache_for_teacher(
         out: the cache directory; default ``cache/<teacher run name>-<classes file stem>``.
         device: where to encode the class names.
         overwrite: replace a cache already at ``out`` (never anything else).
-        index: the FAISS index to build (``auto``, ``flat``, ``ivf``; see :func:`build_cache`).
+        index: the FAISS index to build (``auto``, ``flat``, ``hnsw``, ``ivf``; see :func:`build_cache`).
 
     Returns:
         The cache directory and the number of classes cached.

@@ -596,5 +596,5 @@ def test_cache_cli_builds_the_index_asked_for_and_says_so(cli, student_run, tmp_
     assert entry["kind"] == "ivf" and entry["nlist"] == 2  # min(sqrt(100), 100 // 39)
     assert f"index: ivf (approximate: 2 lists, nprobe {entry['nprobe']}, recall@1" in ivf.output
     assert index_kind(load_cache(tmp_path / "ivf").index) == "ivf"
-    unknown = cli("cache", student_run["teacher"], "--classes", classes, "--index", "hnsw")
-    assert unknown.exit_code == 2 and "'hnsw' is not one of 'auto', 'flat', 'ivf'" in unknown.output
+    unknown = cli("cache", student_run["teacher"], "--classes", classes, "--index", "annoy")
+    assert unknown.exit_code == 2 and "'annoy' is not one of 'auto', 'flat', 'ivf', 'hnsw'" in unknown.output

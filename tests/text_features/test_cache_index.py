@@ -1,4 +1,4 @@
-"""The cache's index as its manifest records it: IVF with measured recall, refusals, copies, old caches."""
+"""The cache's index as its manifest records it: measured recall, refusals, copies, old caches."""
 
 from __future__ import annotations
 
@@ -78,7 +78,16 @@ def test_an_edited_index_entry_is_refused(tmp_path):
         load_cache(tmp_path / "c")
 
 
-@pytest.mark.parametrize(("kind", "other"), [("flat", "ivf"), ("ivf", "flat")])
+def test_an_hnsw_entry_without_a_search_breadth_is_malformed(tmp_path):
+    random_cache(tmp_path / "c", 500, index="hnsw")
+    edit_manifest(tmp_path / "c", lambda m: m["index"].update(ef_search=0))
+    with pytest.raises(KdpromptError, match=r"malformed fields .*index"):
+        load_cache(tmp_path / "c")
+
+
+@pytest.mark.parametrize(
+    ("kind", "other"), [("flat", "ivf"), ("ivf", "flat"), ("flat", "hnsw"), ("hnsw", "flat"), ("ivf", "hnsw")]
+)
 def test_an_index_of_another_kind_than_the_manifest_is_refused(tmp_path, kind, other):
     cache = random_cache(tmp_path / "c", 3000, index=kind)
     plan = ranking.plan_index(3000, other)
@@ -146,8 +155,8 @@ def test_a_subset_of_an_ivf_cache_searches_exactly(tmp_path):
 
 
 def test_an_unknown_index_kind_is_refused_before_anything_is_written(tmp_path):
-    with pytest.raises(KdpromptError, match="unknown index kind 'hnsw'"):
-        random_cache(tmp_path / "c", 5, index="hnsw")
+    with pytest.raises(KdpromptError, match="unknown index kind 'annoy'"):
+        random_cache(tmp_path / "c", 5, index="annoy")
     assert not (tmp_path / "c").exists()
 
 
