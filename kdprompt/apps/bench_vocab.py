@@ -1,4 +1,4 @@
-"""``kdprompt bench vocab``: top-k over large class vocabularies, matrix product vs FAISS exact vs IVF.
+"""``kdprompt bench vocab``: top-k over large class vocabularies: matrix product vs exact search vs IVF and HNSW.
 
 Class vectors are unit-length, random (the worst case for an approximate index: no cluster structure to
 exploit) or clustered (about 100 classes around each random centre, as families of class names are); the batch of image features are unit queries at cosine 0.3 to random classes, as CLIP image
@@ -21,9 +21,10 @@ from kdprompt.text_features.ranking import (
     plan_index,
     probe_queries,
     recall_at,
+    screen_of,
     search,
     time_search,
-    tune_nprobe,
+    tune,
 )
 
 
@@ -58,6 +59,7 @@ def clustered_vocabulary(num_classes: int, dim: int, clusters: int, seed: int = 
 
 
 VOCABULARIES = ("random", "clustered")
+APPROXIMATE = ("ivf", "hnsw")
 
 
 def _time_matmul(features: torch.Tensor, queries: torch.Tensor, k: int, repeats: int) -> float:
@@ -71,11 +73,18 @@ def _time_matmul(features: torch.Tensor, queries: torch.Tensor, k: int, repeats:
 
 
 def bench_vocabulary(
-    num_classes: int, dim: int, batch: int = 64, k: int = 5, repeats: int = 3, vocabulary: str = "random"
+    num_classes: int,
+    dim: int,
+    batch: int = 64,
+    k: int = 5,
+    repeats: int = 3,
+    vocabulary: str = "random",
+    approximate: tuple[str, ...] = APPROXIMATE,
 ) -> dict[str, Any]:
-    """One row of the table: latency (ms per batch) and memory (MiB) of each method, IVF recall.
+    """One row of the table: latency (ms per batch) and memory (MiB) of each method, approximate recall.
 
     ``vocabulary``: ``random`` unit vectors, or ``clustered`` ones (about 100 classes per centre).
+    ``approximate``: the approximate indexes built and timed (``ivf``, ``hnsw``).
     """
     if vocabulary == "clustered":
         vectors = clustered_vocabulary(num_classes, dim, clusters=max(1, num_classes // 100))
@@ -101,20 +110,36 @@ def bench_vocabulary(
     row["exact_ms"] = 1e3 * best
     # The vectors (read in place) plus one chunk of scores.
     row["exact_mib"] = (vectors.nbytes + 4 * batch * min(num_classes, EXACT_CHUNK)) * mib
+    row["exact_screen"] = screen_of(flat) is not None
     _, truth = flat.search(queries, 5)
     del flat
+    for kind in approximate:
+        row.update(_bench_approximate(kind, vectors, queries, truth, k, repeats))
+    return row
 
-    plan = plan_index(num_classes, "ivf")
+
+def _bench_approximate(
+    kind: str, vectors: np.ndarray, queries: np.ndarray, truth: np.ndarray, k: int, repeats: int
+) -> dict[str, Any]:
+    """Build time (tuning included), search ms, MiB and recall@1/@5 of an ``ivf`` or ``hnsw`` index."""
+    num_classes, dim = vectors.shape
+    plan = plan_index(num_classes, kind)
     start = time.perf_counter()
-    ivf = build_index(vectors, plan)
-    tuned = tune_nprobe(ivf, vectors)
-    row["ivf_build_s"] = time.perf_counter() - start
-    row["ivf_nlist"], row["ivf_nprobe"] = plan.nlist, tuned["nprobe"]
-    row["ivf_ms"] = 1e3 * time_search(ivf, queries, k, repeats)
-    # Vectors, their 8-byte ids in the inverted lists and the centroids.
-    row["ivf_mib"] = (vectors.nbytes + 8 * num_classes + 4 * plan.nlist * dim) * mib
-    _, found = ivf.search(queries, 5)
-    row["ivf_recall@1"], row["ivf_recall@5"] = recall_at(found, truth, 1), recall_at(found, truth, 5)
+    index = build_index(vectors, plan)
+    tuned = tune(index, vectors)
+    row: dict[str, Any] = {f"{kind}_build_s": time.perf_counter() - start}
+    row[f"{kind}_ms"] = 1e3 * time_search(index, queries, k, repeats)
+    if kind == "ivf":
+        row["ivf_breadth"] = f"{plan.nlist}/{tuned['nprobe']}"
+        # Vectors, their 8-byte ids in the inverted lists and the centroids.
+        extra = 8 * num_classes + 4 * plan.nlist * dim
+    else:
+        row["hnsw_breadth"] = f"{plan.m}/{tuned['ef_search']}"
+        # Vectors and the graph's 4-byte links: 2M on the base layer, M per upper level (1 node in M).
+        extra = 4 * num_classes * (2 * plan.m + 1)
+    row[f"{kind}_mib"] = (vectors.nbytes + extra) / 2**20
+    _, found = index.search(queries, 5)
+    row[f"{kind}_recall@1"], row[f"{kind}_recall@5"] = recall_at(found, truth, 1), recall_at(found, truth, 5)
     return row
 
 
@@ -125,10 +150,11 @@ def bench_vocab(
     k: int = 5,
     repeats: int = 3,
     vocabularies: tuple[str, ...] = ("random",),
+    approximate: tuple[str, ...] = APPROXIMATE,
 ) -> list[dict[str, Any]]:
     """Every (vocabulary, width, size) row of the vocabulary benchmark, smallest first."""
     return [
-        bench_vocabulary(n, d, batch=batch, k=k, repeats=repeats, vocabulary=v)
+        bench_vocabulary(n, d, batch=batch, k=k, repeats=repeats, vocabulary=v, approximate=approximate)
         for v in vocabularies
         for d in dims
         for n in sorted(sizes)
@@ -136,19 +162,37 @@ def bench_vocab(
 
 
 def vocab_table(rows: list[dict[str, Any]]) -> str:
-    """The rows as a markdown table."""
+    """The rows as a markdown table (``-`` for an approximate index not built)."""
     head = (
         "| vocabulary | classes | dim | matmul+softmax ms | MiB | FAISS flat ms | MiB | exact top-k ms | MiB "
-        "| IVF ms | MiB | nlist/nprobe "
-        "| IVF recall@1 | @5 | IVF build s |"
+        "| IVF ms | MiB | nlist/nprobe | IVF recall@1 | @5 | IVF build s "
+        "| HNSW ms | MiB | M/efSearch | HNSW recall@1 | @5 | HNSW build s |"
     )
-    lines = [head, "|" + "---|" * 15]
+    lines = [head, "|" + "---|" * 21]
     for r in rows:
-        lines.append(
-            f"| {r['vocabulary']} | {r['classes']:,} | {r['dim']} | {r['matmul_ms']:.1f} | {r['matmul_mib']:.0f} "
-            f"| {r['flat_ms']:.1f} | {r['flat_mib']:.0f} | {r['exact_ms']:.1f} | {r['exact_mib']:.0f} "
-            f"| {r['ivf_ms']:.1f} | {r['ivf_mib']:.0f} "
-            f"| {r['ivf_nlist']}/{r['ivf_nprobe']} | {r['ivf_recall@1']:.3f} | {r['ivf_recall@5']:.3f} "
-            f"| {r['ivf_build_s']:.1f} |"
-        )
+        exact = f"{r['exact_ms']:.1f}" + (" (bf16 screen)" if r.get("exact_screen") else "")
+        cells = [
+            r["vocabulary"],
+            f"{r['classes']:,}",
+            str(r["dim"]),
+            f"{r['matmul_ms']:.1f}",
+            f"{r['matmul_mib']:.0f}",
+            f"{r['flat_ms']:.1f}",
+            f"{r['flat_mib']:.0f}",
+            exact,
+            f"{r['exact_mib']:.0f}",
+        ]
+        for kind in APPROXIMATE:
+            if f"{kind}_ms" not in r:
+                cells += ["-"] * 6
+                continue
+            cells += [
+                f"{r[f'{kind}_ms']:.1f}",
+                f"{r[f'{kind}_mib']:.0f}",
+                r[f"{kind}_breadth"],
+                f"{r[f'{kind}_recall@1']:.3f}",
+                f"{r[f'{kind}_recall@5']:.3f}",
+                f"{r[f'{kind}_build_s']:.1f}",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

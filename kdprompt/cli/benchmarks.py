@@ -344,7 +344,20 @@ def _int_list(text: str) -> tuple[int, ...]:
 @click.option(
     "--batch-size", type=click.IntRange(1), default=64, show_default=True, help="Queries per batch."
 )
-@click.option("--k", "top_k", type=click.IntRange(1), default=5, show_default=True, help="Classes returned.")
+@click.option(
+    "--k",
+    "top_k",
+    type=click.IntRange(1),
+    default=5,
+    show_default=True,
+    help="Classes returned (predict and serve search 100 past 10,000 classes).",
+)
+@click.option(
+    "--approximate",
+    default="ivf,hnsw",
+    show_default=True,
+    help="Approximate indexes built and timed, comma-separated (ivf, hnsw; empty: none).",
+)
 @click.option(
     "--repeats", type=click.IntRange(1), default=3, show_default=True, help="Timed runs (best kept)."
 )
@@ -362,15 +375,30 @@ def bench_vocab_command(
     vocabularies: tuple[str, ...],
     batch_size: int,
     top_k: int,
+    approximate: str,
     repeats: int,
     json_path: Path | None,
 ) -> None:
-    """Top-k over large vocabularies: matrix product + softmax vs FAISS exact vs FAISS IVF.
+    """Top-k over large vocabularies: matrix product + softmax vs exact search vs FAISS IVF and HNSW.
 
     Unit class vectors, random (the worst case for an approximate index) or clustered, and a batch of
-    unit queries at cosine 0.3 to random classes. Prints a markdown table: ms per batch and MiB per method, the IVF's
-    lists / probes (tuned to recall@1 >= 0.95 against exact search) and its measured recall.
+    unit queries at cosine 0.3 to random classes. Prints a markdown table: ms per batch and MiB per method,
+    whether exact search screened with bfloat16, each approximate index's search breadth (tuned to
+    recall@1 >= 0.95 against exact search), its measured recall and build time.
+
+    \b
+    Examples:
+      kdprompt bench vocab
+      kdprompt bench vocab --classes 1000,1000000 --dims 128 --k 100 --vocabulary clustered
     """
+    from kdprompt.apps.bench_vocab import APPROXIMATE
+
+    kinds = tuple(a.strip() for a in approximate.split(",") if a.strip())
+    unknown = [a for a in kinds if a not in APPROXIMATE]
+    if unknown:
+        raise click.BadParameter(
+            f"unknown index {', '.join(unknown)}; use {', '.join(APPROXIMATE)}", param_hint="--approximate"
+        )
     from kdprompt.apps.bench_vocab import bench_vocab, vocab_table
 
     rows = bench_vocab(
@@ -380,6 +408,7 @@ def bench_vocab_command(
         k=top_k,
         repeats=repeats,
         vocabularies=vocabularies,
+        approximate=kinds,
     )
     click.echo(vocab_table(rows))
     if json_path is not None:

@@ -83,7 +83,20 @@ def test_vocabulary_benchmark_rows_and_table():
         and row["exact_ms"] > 0
     )
     assert row["matmul_mib"] > row["flat_mib"]  # the full logits cost memory the index does not
+    assert 0 <= row["hnsw_recall@1"] <= 1 and row["hnsw_breadth"].startswith("32/") and row["hnsw_ms"] > 0
+    assert row["hnsw_mib"] > row["flat_mib"]  # the graph's links on top of the vectors
     assert "| clustered | 2,000 | 16 |" in vocab_table([row])
+    only_ivf = bench_vocabulary(2000, 16, batch=8, k=5, repeats=1, approximate=("ivf",))
+    assert "hnsw_ms" not in only_ivf and vocab_table([only_ivf]).rstrip(" |").endswith("- | -")
+
+
+def test_vocabulary_benchmark_cli_refuses_an_unknown_index():
+    from click.testing import CliRunner
+
+    from kdprompt.cli import main
+
+    result = CliRunner().invoke(main, ["bench", "vocab", "--classes", "100", "--approximate", "annoy"])
+    assert result.exit_code == 2 and "unknown index annoy; use ivf, hnsw" in result.output
 
 
 def test_exact_search_in_chunks_is_faiss_flat_search(monkeypatch):
@@ -96,3 +109,67 @@ def test_exact_search_in_chunks_is_faiss_flat_search(monkeypatch):
     faiss_scores, faiss_ids = index.search(queries, 10)
     assert (ids == faiss_ids).mean() > 0.999
     np.testing.assert_allclose(scores, faiss_scores, rtol=1e-5, atol=1e-6)
+
+
+def _screen(vectors: np.ndarray) -> ranking.Screen:
+    return ranking.Screen(torch.from_numpy(vectors).to(torch.bfloat16), 1.0)
+
+
+@pytest.mark.parametrize("k", [5, 100])
+def test_bf16_screened_search_is_exact(monkeypatch, k):
+    """Screening with the bfloat16 copy returns exactly the float32 search's top k."""
+    monkeypatch.setattr(ranking, "EXACT_CHUNK", 4096)
+    vectors = random_vocabulary(20_000, 64, seed=3)
+    queries = probe_queries(vectors, 48, seed=4)
+    fallbacks = []
+    top = ranking._chunked_top
+    monkeypatch.setattr(ranking, "_chunked_top", lambda q, v, n: fallbacks.append(v.dtype) or top(q, v, n))
+    scores, ids = ranking.exact_search(vectors, queries, k, screen=_screen(vectors))
+    ref_scores, ref_ids = ranking.exact_search(vectors, queries, k)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-6)
+    assert fallbacks[0] == torch.bfloat16  # the screen ran (the last call is the float32 reference)
+
+
+def test_bf16_screen_falls_back_to_float32_when_its_bound_is_not_met(monkeypatch):
+    """Near-ties below the bfloat16 resolution: the bound fails for some queries, which are searched again
+    in float32, so the ranking stays exact."""
+    monkeypatch.setattr(ranking, "SCREEN_EXTRA", 4)  # a short list: the bound cannot hold for most queries
+    rng = np.random.default_rng(0)
+    base = random_vocabulary(200, 32, seed=5)
+    # 50 near-copies of each vector, apart by far less than bfloat16 resolves
+    vectors = np.repeat(base, 50, axis=0) + 1e-4 * rng.standard_normal((10_000, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    queries = probe_queries(vectors, 16, seed=6)
+    redone = []
+    top = ranking._chunked_top
+
+    def counting(q, v, n):
+        if v.dtype == torch.float32:
+            redone.append(len(q))
+        return top(q, v, n)
+
+    monkeypatch.setattr(ranking, "_chunked_top", counting)
+    scores, ids = ranking.exact_search(vectors, queries, 10, screen=_screen(vectors))
+    assert redone and redone[0] > 0  # some queries went back to float32
+    monkeypatch.setattr(ranking, "_chunked_top", top)
+    ref_scores, ref_ids = ranking.exact_search(vectors, queries, 10)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-6)
+
+
+def test_flat_index_screens_only_large_vocabularies_on_bf16_cpus(monkeypatch):
+    monkeypatch.setattr(ranking, "SCREEN_MIN_CLASSES", 1000)
+    small = build_index(random_vocabulary(999, 16), plan_index(999, "flat"))
+    assert ranking.screen_of(small) is None
+    large = build_index(random_vocabulary(1000, 16), plan_index(1000, "flat"))
+    monkeypatch.setattr(ranking, "_native_bf16", lambda: False)
+    assert ranking.make_screen(random_vocabulary(1000, 16)) is None
+    monkeypatch.setattr(ranking, "_native_bf16", lambda: True)
+    screen = ranking.screen_of(large)
+    assert (
+        screen is not None
+        and screen.vectors.dtype == torch.bfloat16
+        and screen.max_norm == pytest.approx(1.0)
+    )
+    assert ranking.screen_of(large) is screen  # made once per index
