@@ -118,12 +118,12 @@ def _screen(vectors: np.ndarray) -> ranking.Screen:
 @pytest.mark.parametrize("k", [5, 100])
 def test_bf16_screened_search_is_exact(monkeypatch, k):
     """Screening with the bfloat16 copy returns exactly the float32 search's top k."""
-    monkeypatch.setattr(ranking, "EXACT_CHUNK", 4096)
+    monkeypatch.setattr(ranking, "SCREEN_CHUNK", 4096)  # several chunks, the last one short
     vectors = random_vocabulary(20_000, 64, seed=3)
     queries = probe_queries(vectors, 48, seed=4)
     fallbacks = []
     top = ranking._chunked_top
-    monkeypatch.setattr(ranking, "_chunked_top", lambda q, v, n: fallbacks.append(v.dtype) or top(q, v, n))
+    monkeypatch.setattr(ranking, "_chunked_top", lambda q, v, *a: fallbacks.append(v.dtype) or top(q, v, *a))
     scores, ids = ranking.exact_search(vectors, queries, k, screen=_screen(vectors))
     ref_scores, ref_ids = ranking.exact_search(vectors, queries, k)
     np.testing.assert_array_equal(ids, ref_ids)
@@ -144,10 +144,10 @@ def test_bf16_screen_falls_back_to_float32_when_its_bound_is_not_met(monkeypatch
     redone = []
     top = ranking._chunked_top
 
-    def counting(q, v, n):
+    def counting(q, v, *args):
         if v.dtype == torch.float32:
             redone.append(len(q))
-        return top(q, v, n)
+        return top(q, v, *args)
 
     monkeypatch.setattr(ranking, "_chunked_top", counting)
     scores, ids = ranking.exact_search(vectors, queries, 10, screen=_screen(vectors))
