@@ -368,14 +368,15 @@ class Bundle:
             return []
         feats = F.normalize(self.encode_images(batch).float(), dim=-1)
         ranking = rank(self._index, feats, k, self.logit_scale)
-        names = self.labels
+        # Only the returned classes' labels: `self.labels` builds all of them (1M names: ~60 ms a call).
+        names = self.cache.classnames
         out = []
         for i in range(batch.shape[0]):
-            found = ranking.ids[i] >= 0  # an IVF index may return fewer than k: id -1
+            found = ranking.ids[i] >= 0  # an approximate index may return fewer than k: id -1
             idx = [int(j) for j in ranking.ids[i][found]]
             out.append(
                 Prediction(
-                    labels=[names[j] for j in idx],
+                    labels=[prompt_classname(names[j]) for j in idx],
                     probs=[float(p) for p in ranking.probs[i][found]],
                     indices=idx,
                     source=sources[i] if sources is not None else f"image[{i}]",

@@ -598,3 +598,17 @@ def test_cache_cli_builds_the_index_asked_for_and_says_so(cli, student_run, tmp_
     assert index_kind(load_cache(tmp_path / "ivf").index) == "ivf"
     unknown = cli("cache", student_run["teacher"], "--classes", classes, "--index", "annoy")
     assert unknown.exit_code == 2 and "'annoy' is not one of 'auto', 'flat', 'ivf', 'hnsw'" in unknown.output
+
+
+def test_predict_labels_only_the_classes_it_returns(bundle_dir, monkeypatch):
+    """A prediction spells the labels of its top k, not of the whole vocabulary (1M names: ~60 ms a call)."""
+    from kdprompt.deploy import bundle as bundle_module
+
+    loaded = load_bundle(bundle_dir)
+    spelled = []
+    spell = bundle_module.prompt_classname
+    monkeypatch.setattr(bundle_module, "prompt_classname", lambda name: spelled.append(name) or spell(name))
+    _, height, width = loaded.input_size
+    predictions = loaded.predict_tensor(torch.zeros(3, 3, height, width), k=2)
+    assert len(spelled) == 3 * 2 < len(loaded.classnames)
+    assert predictions[0].labels == [loaded.labels[i] for i in predictions[0].indices]
