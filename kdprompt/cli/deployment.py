@@ -175,8 +175,9 @@ def predict_command(
     no image could be classified.
 
     Classes are ranked through the bundle's FAISS index. Up to 10,000 classes the probabilities are a
-    softmax over every class ("probabilities": "full" with --json); past that, or behind an IVF index
-    that did not reach every class, over the classes retrieved ("candidates", noted once on stderr).
+    softmax over every class ("probabilities": "full" with --json); past that, or behind an approximate
+    index that did not reach every class, over the classes retrieved ("candidates", noted once on
+    stderr).
 
     \b
     Examples:

@@ -46,8 +46,8 @@ class Prediction:
         indices: their class indices.
         source: the image's name (its path, or ``image[i]``).
         probabilities: ``full``: a softmax over all the bundle's classes; ``candidates``: a softmax over
-            the classes the FAISS index retrieved (a large vocabulary, or an IVF index that did not reach
-            every class), an upper bound of the full-vocabulary probability.
+            the classes the FAISS index retrieved (a large vocabulary, or an approximate index that did
+            not reach every class), an upper bound of the full-vocabulary probability.
     """
 
     labels: list[str]
@@ -359,8 +359,8 @@ class Bundle:
     ) -> list[Prediction]:
         """Top-``k`` predictions of a (B, 3, H, W) batch of preprocessed images, ranked through the index.
 
-        Each :class:`Prediction` says how its probabilities were computed (``probabilities``); an IVF
-        index may find fewer than ``k`` classes for an image.
+        Each :class:`Prediction` says how its probabilities were computed (``probabilities``); an
+        approximate index may find fewer than ``k`` classes for an image.
         """
         if k < 1:
             raise KdpromptError(f"k must be at least 1, got {k}")
