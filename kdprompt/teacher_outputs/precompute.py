@@ -184,10 +184,12 @@ def _shard_part(
         pending.append(sample.views)
         waiting += len(sample.views)
         if waiting >= cfg.batch_size:
+            # Whole batches only; the views left over wait for the next images (no small forwards).
             batch = torch.cat(pending)
-            features += [encoder.encode(chunk) for chunk in batch.split(cfg.batch_size)]
-            pending, waiting = [], 0
-    if pending:
+            whole = len(batch) - len(batch) % cfg.batch_size
+            features += [encoder.encode(chunk) for chunk in batch[:whole].split(cfg.batch_size)]
+            pending, waiting = [batch[whole:]], len(batch) - whole
+    if waiting:
         features += [encoder.encode(chunk) for chunk in torch.cat(pending).split(cfg.batch_size)]
     dim = features[0].shape[-1] if features else 0
     stacked = torch.cat(features) if features else torch.zeros(0, dim)

@@ -286,4 +286,6 @@ def test_views_are_encoded_a_batch_at_a_time(trained, outputs, cli_module, tmp_p
     result = cli_module("teacher-outputs", *args)
     assert result.exit_code == 0, result.output
     manifest = json.loads((root / "manifest.json").read_text())
-    assert max(seen) == 4 and sum(seen) == manifest["stats"]["images"] * VIEWS
+    assert sum(seen) == manifest["stats"]["images"] * VIEWS
+    # Whole batches: only a part's last one may be short.
+    assert max(seen) == 4 and sum(n < 4 for n in seen) <= len(manifest["parts"])
