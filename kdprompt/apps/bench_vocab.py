@@ -17,6 +17,7 @@ import torch
 
 from kdprompt.text_features.ranking import (
     EXACT_CHUNK,
+    SCREEN_MAX_QUERIES,
     build_index,
     plan_index,
     probe_queries,
@@ -110,7 +111,7 @@ def bench_vocabulary(
     row["exact_ms"] = 1e3 * best
     # The vectors (read in place) plus one chunk of scores.
     row["exact_mib"] = (vectors.nbytes + 4 * batch * min(num_classes, EXACT_CHUNK)) * mib
-    row["exact_screen"] = screen_of(flat) is not None
+    row["exact_screen"] = screen_of(flat) is not None and batch <= SCREEN_MAX_QUERIES
     _, truth = flat.search(queries, 5)
     del flat
     for kind in approximate:

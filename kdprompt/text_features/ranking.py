@@ -338,6 +338,11 @@ SCREEN_EXTRA = 512
 # The screen pays only where exact search reads many vectors per query and the CPU has bfloat16 dot
 # products (AVX512-BF16 / AMX): 1M x 128, batch 8, 1 thread: 57 ms bfloat16 vs 155 ms float32.
 SCREEN_MIN_CLASSES = 100_000
+# The screen saves reading bytes, which bounds a small batch; from about 32 queries the products are
+# bound by arithmetic, where this CPU's bfloat16 is no faster (1 thread, 100k x 512: 1.39x at 1 query,
+# 1.62x at 8, 0.97x at 32, 0.87x at 64 with k = 100; 1M x 128: 1.78x, 1.69x, 1.38x, 1.43x). Serving's
+# micro-batches and `predict`'s few images are screened; larger batches (eval) are not.
+SCREEN_MAX_QUERIES = 16
 # A top-k of k + 512 per chunk of 65,536 classes costs 3x one over 1M (1 thread: 42 vs 13 ms for 8 queries):
 # the screen takes larger chunks (bfloat16 scores: 4 MiB for 8 queries).
 SCREEN_CHUNK = 262_144
@@ -397,7 +402,7 @@ def exact_search(
     (`kdprompt bench vocab`): torch's BLAS outruns the one bundled with faiss-cpu, and memory stays at
     one chunk of scores.
 
-    With a ``screen``, the bfloat16 copy is scored first (half the bytes read: exact search of a large
+    With a ``screen`` (and at most :data:`SCREEN_MAX_QUERIES` queries), the bfloat16 copy is scored first (half the bytes read: exact search of a large
     vocabulary is bound by memory bandwidth), the best ``k`` + :data:`SCREEN_EXTRA` classes are scored again
     in float32, and the top ``k`` of those are returned. The result is still exact: a class left out scores
     at most its bfloat16 cut-off + :data:`SCREEN_ERROR` in float32, and a query whose k-th float32 score does
@@ -406,7 +411,7 @@ def exact_search(
     queries = torch.from_numpy(_as_numpy(x))
     table = torch.from_numpy(vectors)
     shortlist = k + SCREEN_EXTRA
-    if screen is None or shortlist >= len(vectors):
+    if screen is None or shortlist >= len(vectors) or len(queries) > SCREEN_MAX_QUERIES:
         scores, ids = _chunked_top(queries, table, k)
         return scores.numpy(), ids.numpy()
     cut_scores, cut_ids = _chunked_top(queries.to(torch.bfloat16), screen.vectors, shortlist, SCREEN_CHUNK)

@@ -120,7 +120,7 @@ def test_bf16_screened_search_is_exact(monkeypatch, k):
     """Screening with the bfloat16 copy returns exactly the float32 search's top k."""
     monkeypatch.setattr(ranking, "SCREEN_CHUNK", 4096)  # several chunks, the last one short
     vectors = random_vocabulary(20_000, 64, seed=3)
-    queries = probe_queries(vectors, 48, seed=4)
+    queries = probe_queries(vectors, ranking.SCREEN_MAX_QUERIES, seed=4)
     fallbacks = []
     top = ranking._chunked_top
     monkeypatch.setattr(ranking, "_chunked_top", lambda q, v, *a: fallbacks.append(v.dtype) or top(q, v, *a))
@@ -173,3 +173,14 @@ def test_flat_index_screens_only_large_vocabularies_on_bf16_cpus(monkeypatch):
         and screen.max_norm == pytest.approx(1.0)
     )
     assert ranking.screen_of(large) is screen  # made once per index
+
+
+def test_large_batches_skip_the_bf16_screen(monkeypatch):
+    """Past SCREEN_MAX_QUERIES queries the products are compute-bound: the float32 search alone runs."""
+    vectors = random_vocabulary(2000, 16, seed=9)
+    queries = probe_queries(vectors, ranking.SCREEN_MAX_QUERIES + 1, seed=10)
+    dtypes = []
+    top = ranking._chunked_top
+    monkeypatch.setattr(ranking, "_chunked_top", lambda q, v, *a: dtypes.append(v.dtype) or top(q, v, *a))
+    ranking.exact_search(vectors, queries, 5, screen=_screen(vectors))
+    assert dtypes == [torch.float32]
