@@ -109,9 +109,10 @@ def bench_vocabulary(
         search(flat, queries, k)
         best = min(best, time.perf_counter() - start)
     row["exact_ms"] = 1e3 * best
-    # The vectors (read in place) plus one chunk of scores.
-    row["exact_mib"] = (vectors.nbytes + 4 * batch * min(num_classes, EXACT_CHUNK)) * mib
-    row["exact_screen"] = screen_of(flat) is not None and batch <= SCREEN_MAX_QUERIES
+    row["exact_screen"] = batch <= SCREEN_MAX_QUERIES and screen_of(flat) is not None
+    # The vectors (read in place) plus one chunk of scores, and the bfloat16 screen's copy when it ran.
+    screen_bytes = vectors.size * 2 if row["exact_screen"] else 0
+    row["exact_mib"] = (vectors.nbytes + screen_bytes + 4 * batch * min(num_classes, EXACT_CHUNK)) * mib
     _, truth = flat.search(queries, 5)
     del flat
     for kind in approximate:

@@ -391,7 +391,7 @@ def bench_vocab_command(
       kdprompt bench vocab
       kdprompt bench vocab --classes 1000,1000000 --dims 128 --k 100 --vocabulary clustered
     """
-    from kdprompt.apps.bench_vocab import APPROXIMATE
+    from kdprompt.apps.bench_vocab import APPROXIMATE, bench_vocab, vocab_table
 
     kinds = tuple(a.strip() for a in approximate.split(",") if a.strip())
     unknown = [a for a in kinds if a not in APPROXIMATE]
@@ -399,8 +399,6 @@ def bench_vocab_command(
         raise click.BadParameter(
             f"unknown index {', '.join(unknown)}; use {', '.join(APPROXIMATE)}", param_hint="--approximate"
         )
-    from kdprompt.apps.bench_vocab import bench_vocab, vocab_table
-
     rows = bench_vocab(
         _int_list(classes),
         _int_list(dims),

@@ -301,7 +301,9 @@ def search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
     x = _as_numpy(queries)
     if not _is_cpu_flat(index):
         return index.search(x, k)
-    return exact_search(_flat_vectors(index), x, k, screen=screen_of(index))
+    # A larger batch is not screened (exact_search): do not make the screen's bfloat16 copy for it.
+    screen = screen_of(index) if len(x) <= SCREEN_MAX_QUERIES else None
+    return exact_search(_flat_vectors(index), x, k, screen=screen)
 
 
 def _is_cpu_flat(index: Any) -> bool:
@@ -398,13 +400,13 @@ def exact_search(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top ``k`` of ``x @ vectors.T`` per query, as chunked matrix products + top-k: exact search.
 
-    The same inner products and ranking as ``IndexFlatIP.search``, 3-10x faster for batches on CPU
-    (`kdprompt bench vocab`): torch's BLAS outruns the one bundled with faiss-cpu, and memory stays at
-    one chunk of scores.
+    The same inner products and ranking as ``IndexFlatIP.search``, with memory at one chunk of scores.
+    Which is faster depends on the CPU's BLAS (`kdprompt bench vocab`, docs/VOCABULARY.md): torch's was
+    3x faster than faiss-cpu's for a batch of 64 on one machine, 1.4x slower on another.
 
-    With a ``screen`` (and at most :data:`SCREEN_MAX_QUERIES` queries), the bfloat16 copy is scored first (half the bytes read: exact search of a large
-    vocabulary is bound by memory bandwidth), the best ``k`` + :data:`SCREEN_EXTRA` classes are scored again
-    in float32, and the top ``k`` of those are returned. The result is still exact: a class left out scores
+    With a ``screen`` (and at most :data:`SCREEN_MAX_QUERIES` queries), the bfloat16 copy is scored first
+    (half the bytes read: exact search of a large vocabulary is bound by memory bandwidth), the best ``k``
+    + :data:`SCREEN_EXTRA` classes are scored again in float32, and the top ``k`` of those are returned. The result is still exact: a class left out scores
     at most its bfloat16 cut-off + :data:`SCREEN_ERROR` in float32, and a query whose k-th float32 score does
     not clear that bound is searched again in float32 alone.
     """

@@ -174,7 +174,6 @@ def test_the_speedup_compares_hnsw_with_the_exact_search_rank_uses(monkeypatch):
     calls = []
 
     def timed(index, queries, k, repeats=3, searcher=None):
-        searcher = getattr(searcher, "func", searcher)  # exact search comes with its screen bound
         calls.append((searcher, k, len(queries), repeats))
         return 0.5 if searcher is ranking.exact_search else 0.1
 
@@ -184,6 +183,7 @@ def test_the_speedup_compares_hnsw_with_the_exact_search_rank_uses(monkeypatch):
     assert index_module.measure_speedup(hnsw, features) == 5.0
     k = ranking.searched_k(3000, 5)  # a full softmax: every class
     assert calls == [(ranking.search, k, 64, 3), (ranking.exact_search, k, 64, 3)]
+    assert index_module.SPEED_BATCH > ranking.SCREEN_MAX_QUERIES  # so rank()'s exact path is unscreened
 
 
 def test_an_old_manifests_ivf_rejection_is_still_described():

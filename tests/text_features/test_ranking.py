@@ -173,6 +173,11 @@ def test_flat_index_screens_only_large_vocabularies_on_bf16_cpus(monkeypatch):
         and screen.max_norm == pytest.approx(1.0)
     )
     assert ranking.screen_of(large) is screen  # made once per index
+    other = build_index(random_vocabulary(1000, 16, seed=1), plan_index(1000, "flat"))
+    ranking.search(other, probe_queries(random_vocabulary(1000, 16), ranking.SCREEN_MAX_QUERIES + 1), 5)
+    assert other not in ranking._SCREENS  # a batch the screen would not serve does not make it
+    ranking.search(other, probe_queries(random_vocabulary(1000, 16), 2), 5)
+    assert ranking._SCREENS[other] is not None
 
 
 def test_large_batches_skip_the_bf16_screen(monkeypatch):
