@@ -81,7 +81,8 @@ def _run_block(transformer: nn.Module, block: nn.Module, x: Tensor, attn_mask: T
     if not batch_first:
         x = x.transpose(0, 1).contiguous()
     grad = torch.is_grad_enabled()
-    run = _block_forward if grad and batch_first and _plain_block(block, attn_mask) else _open_clip_block
+    # _plain_block also requires a batch-first attention: a sequence-first transformer keeps open_clip's block.
+    run = _block_forward if grad and _plain_block(block, attn_mask) else _open_clip_block
     if getattr(transformer, "grad_checkpointing", False) and grad:
         x = checkpoint(run, block, x, attn_mask, use_reentrant=False)
     else:
