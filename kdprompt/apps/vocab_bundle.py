@@ -16,6 +16,8 @@ from typing import Any
 
 import click
 
+from kdprompt.cli.options import user_errors
+
 
 def vocabulary_bundle(
     student_run: Path,
@@ -77,6 +79,7 @@ def vocabulary_bundle(
 @click.option(
     "--index", type=click.Choice(("auto", "flat", "hnsw", "ivf")), default="auto", show_default=True
 )
+@user_errors
 def main(student_run: Path, cache_dir: Path, out: Path, classes: int, vocabulary: str, index: str) -> None:
     """Write a synthetic-vocabulary cache for STUDENT_RUN's teacher to CACHE_DIR and its bundle to OUT."""
     manifest = vocabulary_bundle(

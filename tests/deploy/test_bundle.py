@@ -612,3 +612,21 @@ def test_predict_labels_only_the_classes_it_returns(bundle_dir, monkeypatch):
     predictions = loaded.predict_tensor(torch.zeros(3, 3, height, width), k=2)
     assert len(spelled) == 3 * 2 < len(loaded.classnames)
     assert predictions[0].labels == [loaded.labels[i] for i in predictions[0].indices]
+
+
+def test_vocabulary_bundle_serves_a_synthetic_vocabulary_of_the_students_teacher(student_run, tmp_path):
+    """apps.vocab_bundle: the student's bundle over N synthetic classes of its teacher's width."""
+    from click.testing import CliRunner
+
+    from kdprompt.apps.vocab_bundle import main as vocab_bundle_main
+    from kdprompt.apps.vocab_bundle import vocabulary_bundle
+
+    out = tmp_path / "bundle"
+    manifest = vocabulary_bundle(student_run["student"], tmp_path / "cache", out, classes=300)
+    assert manifest["classes"]["num_classes"] == 300 and manifest["cache"]["index"]["kind"] == "flat"
+    loaded = load_bundle(out)
+    _, height, width = loaded.input_size
+    prediction = loaded.predict_tensor(torch.zeros(1, 3, height, width), k=3)[0]
+    assert len(prediction.labels) == 3 and all(label.startswith("class ") for label in prediction.labels)
+    refused = CliRunner().invoke(vocab_bundle_main, [str(tmp_path), str(tmp_path / "c"), str(tmp_path / "b")])
+    assert refused.exit_code == 2 and "is not a student run" in refused.output
